@@ -1,0 +1,1 @@
+"""Compute kernels (installed as ``poa_hpc.kernels``); they know nothing of POA."""

@@ -1,0 +1,39 @@
+"""poa_hpc: Pre-training Once for models of All sizes, as a high-performance trainer."""
+
+from setuptools import find_packages, setup
+
+# The repository keeps GPU kernels in a top-level ``kernels/`` folder; they are
+# installed as ``poa_hpc.kernels`` so nothing clashes with PyPI's ``kernels``;
+# ``configs/`` likewise ships as ``poa_hpc.configs`` so ``poa demo`` finds its YAML.
+packages = find_packages(include=["poa_hpc", "poa_hpc.*"]) + ["poa_hpc.kernels", "poa_hpc.configs"]
+
+setup(
+    name="poa_hpc",
+    version="0.1.0",
+    description="POA self-supervised pre-training (teacher / intact / elastic students) on GPU clusters",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"poa_hpc.kernels": "kernels", "poa_hpc.configs": "configs"},
+    include_package_data=True,
+    package_data={"poa_hpc.configs": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "numpy",
+        "pillow",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "safetensors>=0.4",
+        "tqdm",
+        "scikit-learn>=1.3",  # ships the digits set used by the embedded demo
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "timm>=1.0"],
+        "timm": ["timm>=1.0"],
+        "tensorboard": ["tensorboard"],
+        "gpu": ["xformers", "nvidia-dali-cuda120", "deepspeed", "triton"],
+    },
+    entry_points={"console_scripts": ["poa=poa_hpc.cli:main"]},
+)
