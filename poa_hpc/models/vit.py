@@ -1,0 +1,286 @@
+"""Elastic Vision Transformer.
+
+One set of parameters, sized for the intact network, runs at full width and
+depth or as any elastic sub-network (width ``w``, depth ``d``):
+
+* every projection keeps the leading block of its weight (the qkv projection
+  keeps the first ``w / head_dim`` heads of each of q, k, v) and scales its
+  input by ``max_in / in`` (spec §0);
+* LayerNorm, LayerScale, patch embedding, [CLS], mask token and position
+  embedding keep their first ``w`` channels;
+* depth ``d`` keeps the blocks ``floor(linspace(0, L - 1, d))``.
+
+The elastic forward calls the same ``nn.Module`` instances as the intact one
+(widths are passed as arguments, never by reaching into ``.weight`` from
+outside), so sharding wrappers' pre-forward hooks fire for both branches.
+Parameter names follow timm's ``VisionTransformer`` so extracted sub-networks
+load into timm directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from poa_hpc.models.ops import attention, elastic_linear
+
+
+def block_ids(total_depth: int, depth: int) -> List[int]:
+    """Equal-interval block selection: floor(linspace(0, L-1, d)) (authors' code)."""
+    if not (1 <= depth <= total_depth):
+        raise ValueError(f"depth {depth} must be in [1, {total_depth}]")
+    return np.linspace(0, total_depth - 1, depth).astype(np.int64).tolist()
+
+
+class ElasticLinear(nn.Linear):
+    """nn.Linear whose forward can run on a leading sub-block of its weight.
+
+    The input width is read from ``x``; ``out_features`` (per group) is given.
+    ``groups`` > 1 treats the weight as that many stacked row blocks (fused qkv).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, groups: int = 1, backend: str = "torch"):
+        super().__init__(in_features, out_features * groups, bias=bias)
+        self.groups = groups
+        self.max_out = out_features
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, out_features: Optional[int] = None) -> torch.Tensor:
+        return elastic_linear(x, self.weight, self.bias, out_features or self.max_out, self.groups, self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", groups={self.groups}" if self.groups > 1 else "")
+
+
+class ElasticLayerNorm(nn.LayerNorm):
+    """LayerNorm over the input's width, using the first ``width`` affine entries."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        return F.layer_norm(x, (w,), self.weight[:w], self.bias[:w], self.eps)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma[: x.shape[-1]]
+
+
+class DropPath(nn.Module):
+    """Per-sample stochastic depth (residual branch dropped, survivors rescaled)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
+        p = self.patch_size
+        if x.shape[-1] % p or x.shape[-2] % p:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
+        w = width or self.proj.out_channels
+        b = None if self.proj.bias is None else self.proj.bias[:w]
+        x = F.conv2d(x, self.proj.weight[:w], b, stride=p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, w)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, linear_backend: str, attn_backend: str):
+        super().__init__()
+        self.head_dim = dim // num_heads
+        self.qkv = ElasticLinear(dim, dim, bias=qkv_bias, groups=3, backend=linear_backend)
+        self.proj = ElasticLinear(dim, dim, backend=linear_backend)
+        self.attn_backend = attn_backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, w = x.shape
+        heads = w // self.head_dim
+        qkv = self.qkv(x, w).reshape(B, N, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2], self.attn_backend)
+        return self.proj(out.transpose(1, 2).reshape(B, N, w), w)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, linear_backend: str):
+        super().__init__()
+        self.ratio = hidden / dim
+        self.fc1 = ElasticLinear(dim, hidden, backend=linear_backend)
+        self.act = nn.GELU()
+        self.fc2 = ElasticLinear(hidden, dim, backend=linear_backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        return self.fc2(self.act(self.fc1(x, int(round(self.ratio * w)))), w)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, init_values: float,
+                 drop_path: float, linear_backend: str, attn_backend: str):
+        super().__init__()
+        self.norm1 = ElasticLayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, linear_backend, attn_backend)
+        self.ls1 = LayerScale(dim, init_values)
+        self.norm2 = ElasticLayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), linear_backend)
+        self.ls2 = LayerScale(dim, init_values)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    """Architecture of a (dense or elastic) ViT; enough to rebuild it."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layerscale_init: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def sub(self, width: int, depth: int) -> "ViTArch":
+        """The dense architecture of the (width, depth) sub-network."""
+        if width % self.head_dim:
+            raise ValueError(f"width {width} is not a multiple of the head dim {self.head_dim}")
+        return ViTArch(self.img_size, self.patch_size, self.in_chans, width, depth, width // self.head_dim,
+                       self.mlp_ratio, self.qkv_bias, self.layerscale_init)
+
+
+class ElasticViT(nn.Module):
+    def __init__(self, arch: ViTArch, drop_path_rate: float = 0.0, linear_backend: str = "torch", attn_backend: str = "sdpa"):
+        super().__init__()
+        self.arch = arch
+        D = arch.embed_dim
+        self.embed_dim = D
+        self.head_dim = arch.head_dim
+        self.patch_size = arch.patch_size
+        self.patch_embed = PatchEmbed(arch.patch_size, arch.in_chans, D)
+        grid = arch.img_size // arch.patch_size
+        self.grid = grid
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, D))
+        # Uniform stochastic depth as the authors' ViT-L config (drop_path_uniform).
+        self.blocks = nn.ModuleList(
+            Block(D, arch.num_heads, arch.mlp_ratio, arch.qkv_bias, arch.layerscale_init, drop_path_rate,
+                  linear_backend, attn_backend)
+            for _ in range(arch.depth)
+        )
+        self.norm = ElasticLayerNorm(D, eps=1e-6)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def _pos_embed(self, h: int, w: int, width: int) -> torch.Tensor:
+        pos = self.pos_embed[..., :width]
+        if h == self.grid and w == self.grid:
+            return pos
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        patch_pos = patch_pos.reshape(1, self.grid, self.grid, width).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, width)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        masks: Optional[torch.Tensor] = None,
+        width: Optional[int] = None,
+        depth: Optional[int] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Backbone forward of the intact network or of the (width, depth) sub-network.
+
+        Args:
+            x: (B, C, H, W) images.
+            masks: optional (B, N) bool; masked patches are replaced by the mask token (iBOT).
+        Returns:
+            dict with ``x_norm_clstoken`` (B, w) and ``x_norm_patchtokens`` (B, N, w).
+        """
+        width = width or self.embed_dim
+        depth = depth or self.depth
+        if width % self.head_dim or not (0 < width <= self.embed_dim):
+            raise ValueError(f"width {width} must be a multiple of {self.head_dim} in (0, {self.embed_dim}]")
+        B, _, H, W = x.shape
+        tokens = self.patch_embed(x, width)
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token[:, :width].to(tokens.dtype).unsqueeze(0), tokens)
+        tokens = torch.cat([self.cls_token[..., :width].expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)
+        tokens = tokens + self._pos_embed(H // self.patch_size, W // self.patch_size, width).to(tokens.dtype)
+        ids = range(self.depth) if depth == self.depth else block_ids(self.depth, depth)
+        for i in ids:
+            tokens = self.blocks[i](tokens)
+        tokens = self.norm(tokens)
+        return {"x_norm_clstoken": tokens[:, 0], "x_norm_patchtokens": tokens[:, 1:]}
+
+    def forward(self, x: torch.Tensor, width: Optional[int] = None, depth: Optional[int] = None) -> torch.Tensor:
+        """[CLS] features (B, w)."""
+        return self.forward_features(x, width=width, depth=depth)["x_norm_clstoken"]
+
+
+def build_vit(arch: ViTArch, drop_path_rate: float = 0.0, linear_backend: str = "torch", attn_backend: str = "sdpa") -> ElasticViT:
+    return ElasticViT(arch, drop_path_rate, linear_backend, attn_backend)
+
+
+def count_params(arch: ViTArch) -> int:
+    """Parameters of a dense ViT of this architecture (without the mask token), analytically."""
+    D, L, p, C = arch.embed_dim, arch.depth, arch.patch_size, arch.in_chans
+    hidden = int(D * arch.mlp_ratio)
+    n_tok = 1 + (arch.img_size // p) ** 2
+    embed = C * p * p * D + D + D + n_tok * D
+    block = (3 * D * D + (3 * D if arch.qkv_bias else 0)) + (D * D + D) + (D * hidden + hidden) + (hidden * D + D) + 4 * D + 2 * D
+    return embed + L * block + 2 * D
+
+
+def vit_gflops(arch: ViTArch, img_size: Optional[int] = None) -> float:
+    """Multiply-accumulates (G) of one forward at ``img_size``, counted as fvcore/DeiT report "GFLOPs".
+
+    Counts the matmuls: patch embedding, qkv, attention scores and mixing, proj, MLP.
+    """
+    s = img_size or arch.img_size
+    N = 1 + (s // arch.patch_size) ** 2
+    D, hidden = arch.embed_dim, int(arch.embed_dim * arch.mlp_ratio)
+    patch = (N - 1) * arch.in_chans * arch.patch_size ** 2 * D
+    per_block = N * 3 * D * D + 2 * N * N * D + N * D * D + 2 * N * D * hidden
+    return (patch + arch.depth * per_block) / 1e9
