@@ -203,10 +203,10 @@ def validate(cfg: POAConfig) -> POAConfig:
     return cfg
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> POAConfig:
-    """Defaults <- YAML file <- dotted overrides, validated, as a POAConfig."""
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), base: Optional[dict] = None) -> POAConfig:
+    """Defaults <- ``base`` (e.g. saved with a model) <- YAML file <- dotted overrides, validated."""
     schema = OmegaConf.structured(POAConfig)
-    layers = []
+    layers = [OmegaConf.create(base)] if base else []
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -239,9 +239,4 @@ def to_yaml(cfg: POAConfig) -> str:
 
 def from_dict(d: dict) -> POAConfig:
     """Rebuild a config saved in a checkpoint (validated like a file)."""
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(POAConfig), OmegaConf.create(d)))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc) + " (in saved config)") from None
-    assert isinstance(cfg, POAConfig)
-    return validate(cfg)
+    return load_config(base=d)
