@@ -1,0 +1,272 @@
+"""The ``poa`` command.
+
+    poa train   --config CFG [--resume] [key=value ...]
+    poa extract CKPT (--width W --depth D | --subnet WxD ... | --all) -o OUT
+    poa eval knn SUBNET.safetensors ... [--config CFG] [key=value ...]
+    poa subnets --config CFG
+    poa demo    [--output-dir DIR] [key=value ...]
+
+Errors in the user's input (config keys, paths, sub-network sizes) end with a
+one-line message and exit code 2; a diverged run ends with exit code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from poa_hpc.config import ConfigError, POAConfig, from_dict, load_config
+
+log = logging.getLogger("poa_hpc")
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a YAML shipped in ``configs/`` (installed as ``poa_hpc.configs``)."""
+    p = resources.files("poa_hpc.configs") / name
+    if not p.is_file():
+        raise UsageError(f"packaged config '{name}' not found")
+    return Path(str(p))
+
+
+# ------------------------------------------------------------------ train
+def cmd_train(args: argparse.Namespace) -> int:
+    from poa_hpc.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    print(f"trained to step {summary['step']}; checkpoint: {summary['checkpoint']}")
+    return 0
+
+
+# ------------------------------------------------------------------ extract
+def _load_teacher(ckpt_path: str, which: str):
+    import torch
+
+    from poa_hpc.train.checkpoint import load_checkpoint
+    from poa_hpc.train.meta_arch import build_branch
+
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    cfg = from_dict(ckpt["config"])
+    branch = build_branch(cfg, 0.0)
+    prefix = f"{which}."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    branch.load_state_dict(state)
+    backbone = branch["backbone"].eval()
+    torch.set_grad_enabled(False)
+    return cfg, backbone, int(ckpt.get("step", 0))
+
+
+def _subnets_from_args(args: argparse.Namespace, space) -> List:
+    from poa_hpc.models.subnets import Subnet
+
+    if args.all:
+        return space.all()
+    subs = [Subnet.parse(s) for s in (args.subnet or [])]
+    if args.width is not None or args.depth is not None:
+        if args.width is None or args.depth is None:
+            raise UsageError("--width and --depth go together")
+        subs.append(Subnet(args.width, args.depth))
+    if not subs:
+        raise UsageError("name the sub-networks: --width W --depth D, --subnet WxD (repeatable) or --all")
+    for s in subs:
+        try:
+            space.check(s)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return subs
+
+
+def extract_to(cfg: POAConfig, backbone, subs, out: Path, single_file: bool, step: int, source: str) -> List[Path]:
+    from dataclasses import asdict
+
+    from poa_hpc.models.extract import extract_state_dict, save_subnet
+
+    paths = []
+    for sub in subs:
+        arch, state = extract_state_dict(backbone, sub.width, sub.depth)
+        path = out if single_file else out / f"vit_{sub.width}x{sub.depth}.safetensors"
+        save_subnet(path, arch, state, width=sub.width, depth=sub.depth, step=step, source=source,
+                    data=asdict(cfg.data), eval=asdict(cfg.eval))
+        paths.append(path)
+    return paths
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from poa_hpc.models.subnets import SubnetSpace
+
+    cfg, backbone, step = _load_teacher(args.checkpoint, args.branch)
+    space = SubnetSpace.from_model_config(cfg.model)
+    subs = _subnets_from_args(args, space)
+    out = Path(args.output)
+    single = len(subs) == 1 and out.suffix == ".safetensors"
+    if not single and out.suffix == ".safetensors":
+        raise UsageError(f"-o {out}: several sub-networks need an output folder, not a .safetensors file")
+    paths = extract_to(cfg, backbone, subs, out, single, step, f"{args.checkpoint}:{args.branch}")
+    for p in paths:
+        print(p)
+    return 0
+
+
+# ------------------------------------------------------------------ eval
+def cmd_eval_knn(args: argparse.Namespace) -> int:
+    import torch
+
+    from poa_hpc.eval.evaluate import format_table, knn_evaluate
+    from poa_hpc.models.extract import load_subnet
+
+    models, meta0 = [], None
+    for path in args.subnets:
+        try:
+            model, meta = load_subnet(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        meta0 = meta0 or meta
+        models.append((Path(path).stem, model))
+    # Default data/eval sections: those recorded in the file at extraction.
+    base = {"data": meta0.get("data", {}), "eval": meta0.get("eval", {})}
+    cfg = load_config(args.config, args.overrides, base=base)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(format_table(knn_evaluate(models, cfg, device), "weighted k-NN"))
+    return 0
+
+
+# ------------------------------------------------------------------ subnets
+def cmd_subnets(args: argparse.Namespace) -> int:
+    from poa_hpc.models.subnets import SubnetSpace
+    from poa_hpc.train.meta_arch import vit_arch
+    from poa_hpc.models.vit import count_params, vit_gflops
+
+    cfg = load_config(args.config, args.overrides)
+    space = SubnetSpace.from_model_config(cfg.model)
+    probs = space.probabilities()
+    arch = vit_arch(cfg)
+    print(f"{len(space)} sub-networks: widths {list(space.widths)}, depths {list(space.depths)}")
+    print(f"{'sub-network':<12}{'params(M)':>11}{'GFLOPs':>9}{'p(sample)':>11}")
+    for sub in space.all():
+        a = arch.sub(sub.width, sub.depth)
+        p = probs.get(sub)
+        print(f"{str(sub):<12}{count_params(a) / 1e6:>11.2f}{vit_gflops(a):>9.2f}{(f'{p:.4f}' if p else 'intact'):>11}")
+    return 0
+
+
+# ------------------------------------------------------------------ demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from poa_hpc.eval.evaluate import format_table, knn_evaluate
+    from poa_hpc.models.extract import load_subnet
+    from poa_hpc.models.subnets import Subnet, SubnetSpace
+    from poa_hpc.train.trainer import build_model, train
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(packaged_config("demo_cpu.yaml"), overrides)
+    out = Path(cfg.train.output_dir)
+    space = SubnetSpace.from_model_config(cfg.model)
+    subs = [Subnet(space.widths[0], space.depths[0]),
+            Subnet(space.widths[len(space.widths) // 2], space.depths[len(space.depths) // 2]),
+            space.intact]
+    print(f"POA demo: {len(space)} sub-networks; training on {cfg.data.dataset} for "
+          f"{cfg.optim.epochs} epochs, output in {out}")
+    t0 = time.perf_counter()
+    summary = train(cfg, resume=True)
+    print(f"training finished in {time.perf_counter() - t0:.0f}s (step {summary['step']})")
+
+    init_backbone = build_model(cfg).teacher_backbone().eval()
+    _, trained_backbone, step = _load_teacher(summary["checkpoint"], "teacher")
+    torch.set_grad_enabled(False)
+    tables = []
+    for label, backbone, folder in (("at initialisation", init_backbone, out / "subnets_init"),
+                                    ("after POA training (teacher)", trained_backbone, out / "subnets")):
+        paths = extract_to(cfg, backbone, subs, folder, False, step, label)
+        models = [(p.stem, load_subnet(p)[0]) for p in paths]
+        rows = knn_evaluate(models, cfg)
+        tables.append(rows)
+        print()
+        print(format_table(rows, f"weighted k-NN on {cfg.data.dataset} val, sub-networks {label}"))
+    print()
+    for a, b in zip(*tables):
+        print(f"{a.name}: k-NN top-1 {a.top1:.2f}% at init -> {b.top1:.2f}% trained ({b.top1 - a.top1:+.2f})")
+    print(f"\nextracted sub-networks: {out / 'subnets'}")
+    return 0
+
+
+# ------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="poa", description="POA: pre-train once, extract models of all sizes.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="pre-train a POA model")
+    t.add_argument("--config", required=True, help="YAML config (see configs/)")
+    t.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/checkpoints/last.pt")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("extract", help="write dense sub-networks from a checkpoint's teacher")
+    e.add_argument("checkpoint", help="training checkpoint (file, or run folder with checkpoints/last.pt)")
+    e.add_argument("--width", type=int)
+    e.add_argument("--depth", type=int)
+    e.add_argument("--subnet", action="append", help="WIDTHxDEPTH, repeatable")
+    e.add_argument("--all", action="store_true", help="every sub-network of the elastic space")
+    e.add_argument("--branch", choices=("teacher", "student"), default="teacher")
+    e.add_argument("-o", "--output", required=True, help=".safetensors file (one sub-network) or folder")
+    e.set_defaults(func=cmd_extract)
+
+    ev = sub.add_parser("eval", help="evaluate extracted sub-networks")
+    evs = ev.add_subparsers(dest="eval_command", required=True)
+    k = evs.add_parser("knn", help="weighted k-NN on frozen [CLS] features")
+    k.add_argument("subnets", nargs="+", help="sub-network .safetensors files written by `poa extract`")
+    k.add_argument("--config", help="config whose data/eval sections to use (default: recorded in the file)")
+    k.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.root=/imagenet")
+    k.set_defaults(func=cmd_eval_knn)
+
+    s = sub.add_parser("subnets", help="list the elastic sub-networks and their sampling probabilities")
+    s.add_argument("--config", required=True)
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=cmd_subnets)
+
+    d = sub.add_parser("demo", help="train the embedded CPU demo, extract 3 sub-networks, k-NN them")
+    d.add_argument("--output-dir", help="default: runs/demo")
+    d.add_argument("overrides", nargs="*")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from poa_hpc.train.trainer import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"poa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"poa {args.command}: error: {exc}", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        print(f"poa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"poa {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+import pytest
+
+from poa_hpc.config import ConfigError, POAConfig, from_dict, load_config, to_dict
+
+
+def test_yaml_and_dotted_overrides():
+    cfg = load_config("configs/demo_cpu.yaml", ["optim.base_lr=1e-3", "head.prototypes=[10,20]", "train.seed=7"])
+    assert isinstance(cfg, POAConfig)
+    assert cfg.optim.base_lr == 1e-3 and cfg.head.prototypes == [10, 20] and cfg.train.seed == 7
+    assert cfg.model.embed_dim == 96  # from the file
+    assert cfg.loss.lam == 0.8  # default
+
+
+def test_paper_config_values():
+    cfg = load_config("configs/vit_l_poa.yaml")
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (1024, 24, 16)
+    assert cfg.head.prototypes == [8192, 16384, 32768, 65536]
+    assert cfg.optim.clip_grad == 1.5 and cfg.optim.layer_decay == 0.9 and cfg.optim.schedule_fraction == 0.78
+    assert cfg.optim.batch_size * 32 == 1600
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("optim.bogus=1", "optim.bogus"),
+        ("optim.base_lr=abc", "optim.base_lr"),
+        ("model.attention=flash9", "model.attention"),
+        ("model.embed_dim=100", "model.embed_dim"),
+        ("model.elastic.min_depth=99", "model.elastic.min_depth"),
+        ("data.local_size=17", "data.local_size"),
+        ("nonsense", "key=value"),
+    ],
+)
+def test_bad_keys_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config("configs/demo_cpu.yaml", [override])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("optim:\n  base_lrr: 0.1\n")
+    with pytest.raises(ConfigError, match="optim.base_lrr"):
+        load_config(typo)
+
+
+def test_roundtrip_through_dict():
+    cfg = load_config("configs/demo_cpu.yaml", ["optim.epochs=3"])
+    assert from_dict(to_dict(cfg)) == cfg

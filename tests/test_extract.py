@@ -1,0 +1,120 @@
+"""Extraction: dense sub-networks equal the elastic forward; they load into timm; the CLI."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from poa_hpc.cli import main
+from poa_hpc.config import load_config
+from poa_hpc.models.extract import extract_state_dict, load_subnet, save_subnet, timm_kwargs, to_timm_state_dict
+from poa_hpc.models.subnets import SubnetSampler
+from poa_hpc.models.vit import build_vit, count_params, vit_gflops, ViTArch
+from poa_hpc.train.checkpoint import atomic_save
+from poa_hpc.train.meta_arch import POA
+from poa_hpc.config import to_dict
+
+
+def demo_model():
+    cfg = load_config("configs/demo_cpu.yaml")
+    torch.manual_seed(0)
+    model = POA(cfg)
+    with torch.no_grad():  # trained-like LayerScales and biases so every block matters
+        for n, p in model.teacher.named_parameters():
+            p.add_(0.2 * torch.randn_like(p) if ("gamma" in n or "bias" in n) else 0.0)
+    return cfg, model
+
+
+def test_extracted_subnet_equals_elastic_forward_demo_model():
+    cfg, model = demo_model()
+    backbone = model.teacher_backbone().eval()
+    sampler = SubnetSampler(model.space, seed=0)
+    subs = {sampler.sample(t) for t in range(6)} | {model.space.intact}
+    x = torch.randn(4, 3, 32, 32)
+    for sub in sorted(subs):
+        arch, state = extract_state_dict(backbone, sub.width, sub.depth)
+        dense = build_vit(arch).eval()
+        dense.load_state_dict(state)
+        assert sum(p.numel() for n, p in dense.named_parameters() if n != "mask_token") == count_params(arch)
+        with torch.no_grad():
+            diff = (dense(x) - backbone(x, sub.width, sub.depth)).abs().max().item()
+        assert diff < 1e-5, (sub, diff)
+
+
+def test_extracted_subnet_matches_timm_vit():
+    timm = pytest.importorskip("timm")
+    cfg, model = demo_model()
+    backbone = model.teacher_backbone().eval()
+    arch, state = extract_state_dict(backbone, 64, 4)
+    ref = timm.models.vision_transformer.VisionTransformer(**timm_kwargs(arch)).eval()
+    ref.load_state_dict(to_timm_state_dict(state))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), backbone(x, 64, 4), rtol=1e-5, atol=1e-5)
+        # local-crop resolution: both interpolate the position embedding bicubically
+        xs = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ref(xs), backbone(xs, 64, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_sizes_match_timm_and_the_literature():
+    """Parameter counts equal timm's backbones; GFLOPs (MACs) as DeiT: ViT-S 4.6, ViT-B 17.6, ViT-L 61.6."""
+    timm = pytest.importorskip("timm")
+    L = ViTArch(224, 16, 3, 1024, 24, 16)
+    for w in (384, 768):
+        arch = L.sub(w, 12)
+        ref = timm.models.vision_transformer.VisionTransformer(**timm_kwargs(arch))
+        assert count_params(arch) == sum(p.numel() for p in ref.parameters())
+    # ViT-L/16: 304.33M with timm's 1000-class head (1,025,000) -> 303.30M backbone + 49,152 LayerScale
+    assert count_params(L) == 304_326_632 - 1_025_000 + 49_152
+    assert vit_gflops(L.sub(384, 12)) == pytest.approx(4.6, abs=0.05)
+    assert vit_gflops(L.sub(768, 12)) == pytest.approx(17.6, abs=0.1)
+    assert vit_gflops(L) == pytest.approx(61.6, abs=0.2)
+
+
+def _ckpt(tmp_path):
+    cfg, model = demo_model()
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"step": 7, "model": model.state_dict(), "config": to_dict(cfg)}, path)
+    return cfg, model, path
+
+
+def test_cli_extract_single_and_all(tmp_path, capsys):
+    cfg, model, ckpt = _ckpt(tmp_path)
+    out = tmp_path / "s.safetensors"
+    assert main(["extract", str(ckpt), "--width", "48", "--depth", "3", "-o", str(out)]) == 0
+    dense, meta = load_subnet(out)
+    assert meta["width"] == 48 and meta["depth"] == 3 and meta["step"] == 7
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (dense(x) - model.teacher_backbone().eval()(x, 48, 3)).abs().max() < 1e-5
+    assert main(["extract", str(ckpt), "--all", "-o", str(tmp_path / "all")]) == 0
+    assert len(list((tmp_path / "all").glob("*.safetensors"))) == 16
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--width", "50", "--depth", "3"], "not in the elastic space"),
+    (["--width", "48"], "--width and --depth"),
+    ([], "name the sub-networks"),
+])
+def test_cli_extract_bad_input(tmp_path, capsys, args, needle):
+    _, _, ckpt = _ckpt(tmp_path)
+    assert main(["extract", str(ckpt), *args, "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_extract_missing_or_bogus_checkpoint(tmp_path, capsys):
+    assert main(["extract", str(tmp_path / "none.pt"), "--all", "-o", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert main(["extract", str(junk), "--all", "-o", str(tmp_path / "o")]) == 2
+    assert "could not be read" in capsys.readouterr().err
+
+
+def test_poa_console_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "poa_hpc", "subnets", "--config", "configs/vit_l_poa.yaml"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "143 sub-networks" in r.stdout
+    assert "384x12" in r.stdout and "intact" in r.stdout
