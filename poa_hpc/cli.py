@@ -49,8 +49,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ extract
 def _load_teacher(ckpt_path: str, which: str):
-    import torch
-
     from poa_hpc.train.checkpoint import load_checkpoint
     from poa_hpc.train.meta_arch import build_branch
 
@@ -63,8 +61,7 @@ def _load_teacher(ckpt_path: str, which: str):
     prefix = f"{which}."
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     branch.load_state_dict(state)
-    backbone = branch["backbone"].eval()
-    torch.set_grad_enabled(False)
+    backbone = branch["backbone"].eval().requires_grad_(False)
     return cfg, backbone, int(ckpt.get("step", 0))
 
 
@@ -187,7 +184,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     init_backbone = build_model(cfg).teacher_backbone().eval()
     _, trained_backbone, step = _load_teacher(summary["checkpoint"], "teacher")
-    torch.set_grad_enabled(False)
     tables = []
     for label, backbone, folder in (("at initialisation", init_backbone, out / "subnets_init"),
                                     ("after POA training (teacher)", trained_backbone, out / "subnets")):

@@ -1,0 +1,216 @@
+"""Image augmentations: DINOv2's multi-crop recipe and the k-NN eval transform.
+
+All randomness inside torchvision's transforms comes from torch's global CPU
+generator (and, defensively, Python's ``random``).  :func:`seeded_rng` seeds
+both for one sample and restores them afterwards, so a sample's crops are a
+pure function of its seed no matter which process or worker draws them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import TYPE_CHECKING, Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from poa_hpc.config import POAConfig
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MultiCropAugmentation",
+    "EvalTransform",
+    "build_multicrop",
+    "blur_kernel_size",
+    "to_rgb",
+    "seeded_rng",
+    "denormalize",
+    "derive_seed",
+]
+
+IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, CMYK, RGBA, P, I;16, ...) to RGB.
+
+    Palette images with a transparency entry go through RGBA first; Pillow warns
+    when converting them straight to RGB.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator and Python's ``random`` for one block, then restore both.
+
+    ``torch.default_generator`` is seeded rather than calling ``torch.manual_seed``,
+    which would also reseed (and not restore) every CUDA generator.
+    """
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed) % (1 << 64))
+        random.seed(int(seed))
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+
+
+def blur_kernel_size(crop_size: int, ref_kernel: int = 9, ref_size: int = 224) -> int:
+    """Gaussian-blur kernel for a crop: DINOv2's 9 px at 224 px, scaled, odd, >= 3.
+
+    A fixed 9 px kernel is larger than a 16 px demo crop's useful support, so it
+    scales with the crop side (224 -> 9, 96 -> 5, 32 -> 3).
+    """
+    k = int(round(ref_kernel * crop_size / ref_size))
+    if k % 2 == 0:
+        k += 1
+    return max(3, k)
+
+
+def _blur(crop_size: int, p: float) -> T.RandomApply:
+    """Gaussian blur applied with probability ``p`` (sigma ~ U(0.1, 2.0)).
+
+    DINOv2's own ``GaussianBlur`` passes ``1 - p`` to ``RandomApply`` (so its
+    "p=1.0" global view is never blurred); we apply the probability the papers
+    state (DINO/iBOT: 1.0 / 0.1 / 0.5).
+    """
+    return T.RandomApply([T.GaussianBlur(kernel_size=blur_kernel_size(crop_size), sigma=(0.1, 2.0))], p=p)
+
+
+def _normalize() -> T.Compose:
+    return T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+
+
+class MultiCropAugmentation:
+    """DINOv2's ``DataAugmentationDINO``: two global crops and ``n_local`` local crops.
+
+    Global view 1: crop, flip, colour jitter (p 0.8), grayscale (p 0.2), blur (p 1.0).
+    Global view 2: same, blur p 0.1, then solarize (threshold 128, p 0.2).
+    Local views: smaller crop, flip, jitter, grayscale, blur p 0.5.
+    Every view ends with ToTensor + ImageNet normalisation.
+
+    ``__call__`` takes a PIL image of any mode and returns
+    ``{"global_crops": [T, T], "local_crops": [T] * n_local}`` with
+    ``T`` float32 tensors of shape ``(3, global_size, global_size)`` /
+    ``(3, local_size, local_size)``.
+    """
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        n_local: int = 8,
+        global_scale: Tuple[float, float] = (0.32, 1.0),
+        local_scale: Tuple[float, float] = (0.05, 0.32),
+    ) -> None:
+        if n_local < 0:
+            raise ValueError(f"n_local must be >= 0, got {n_local}")
+        self.global_size = global_size
+        self.local_size = local_size
+        self.n_local = n_local
+        bicubic = InterpolationMode.BICUBIC
+
+        geometric_global = [
+            T.RandomResizedCrop(global_size, scale=tuple(global_scale), interpolation=bicubic),
+            T.RandomHorizontalFlip(p=0.5),
+        ]
+        geometric_local = [
+            T.RandomResizedCrop(local_size, scale=tuple(local_scale), interpolation=bicubic),
+            T.RandomHorizontalFlip(p=0.5),
+        ]
+        color = [
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
+        self.global_transform_1 = T.Compose(
+            [*geometric_global, *color, _blur(global_size, p=1.0), _normalize()]
+        )
+        self.global_transform_2 = T.Compose(
+            [*geometric_global, *color, _blur(global_size, p=0.1), T.RandomSolarize(threshold=128, p=0.2), _normalize()]
+        )
+        self.local_transform = T.Compose([*geometric_local, *color, _blur(local_size, p=0.5), _normalize()])
+
+    def __call__(self, image: Image.Image) -> Dict[str, List[torch.Tensor]]:
+        image = to_rgb(image)
+        return {
+            "global_crops": [self.global_transform_1(image), self.global_transform_2(image)],
+            "local_crops": [self.local_transform(image) for _ in range(self.n_local)],
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiCropAugmentation(global_size={self.global_size}, local_size={self.local_size}, "
+            f"n_local={self.n_local})"
+        )
+
+
+class EvalTransform:
+    """Deterministic eval view: ``(3, size, size)`` normalised float tensor.
+
+    Images whose shorter side exceeds ``size`` get the standard ImageNet protocol
+    (resize the shorter side to ``size * 256 / 224``, centre crop ``size``).
+    Smaller images (the 32 px digits) are resized so the shorter side is
+    ``size`` and centre-cropped, i.e. no detail is thrown away by the 87.5 %
+    crop, and square tiny images are used whole.
+    """
+
+    def __init__(self, size: int, crop_ratio: float = 224 / 256) -> None:
+        self.size = int(size)
+        bicubic = InterpolationMode.BICUBIC
+        self._large = T.Compose(
+            [T.Resize(int(round(self.size / crop_ratio)), interpolation=bicubic), T.CenterCrop(self.size)]
+        )
+        self._small = T.Compose([T.Resize(self.size, interpolation=bicubic), T.CenterCrop(self.size)])
+        self._normalize = _normalize()
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_rgb(image)
+        resize = self._large if min(image.size) > self.size else self._small
+        return self._normalize(resize(image))
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.size})"
+
+
+def build_multicrop(cfg: "POAConfig") -> MultiCropAugmentation:
+    """The training augmentation described by ``cfg.data``."""
+    d = cfg.data
+    return MultiCropAugmentation(
+        global_size=d.global_size,
+        local_size=d.local_size,
+        n_local=d.n_local,
+        global_scale=(d.global_scale_min, d.global_scale_max),
+        local_scale=(d.local_scale_min, d.local_scale_max),
+    )
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Invert the normalisation (for visualisation / tests); channel dim is -3."""
+    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return x * s + m
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure, well-mixed function of the integer ``parts``.
+
+    Built on ``numpy.random.SeedSequence`` so nearby tuples such as
+    ``(seed, step, rank, 0)`` and ``(seed, step, rank, 1)`` give unrelated
+    streams.  Negative parts are folded into the unsigned 64-bit range.
+    """
+    entropy = [int(p) % (1 << 64) for p in parts]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
