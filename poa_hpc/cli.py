@@ -86,8 +86,7 @@ def _subnets_from_args(args: argparse.Namespace, space) -> List:
 
 
 def extract_to(cfg: POAConfig, backbone, subs, out: Path, single_file: bool, step: int, source: str) -> List[Path]:
-    from dataclasses import asdict
-
+    from poa_hpc.config import to_dict
     from poa_hpc.models.extract import extract_state_dict, save_subnet
 
     paths = []
@@ -95,7 +94,7 @@ def extract_to(cfg: POAConfig, backbone, subs, out: Path, single_file: bool, ste
         arch, state = extract_state_dict(backbone, sub.width, sub.depth)
         path = out if single_file else out / f"vit_{sub.width}x{sub.depth}.safetensors"
         save_subnet(path, arch, state, width=sub.width, depth=sub.depth, step=step, source=source,
-                    data=asdict(cfg.data), eval=asdict(cfg.eval))
+                    config=to_dict(cfg))
         paths.append(path)
     return paths
 
@@ -131,9 +130,8 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         meta0 = meta0 or meta
         models.append((Path(path).stem, model))
-    # Default data/eval sections: those recorded in the file at extraction.
-    base = {"data": meta0.get("data", {}), "eval": meta0.get("eval", {})}
-    cfg = load_config(args.config, args.overrides, base=base)
+    # Defaults: the training config recorded in the file at extraction (its data and eval sections).
+    cfg = load_config(args.config, args.overrides, base=meta0.get("config"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(format_table(knn_evaluate(models, cfg, device), "weighted k-NN"))
     return 0
@@ -246,11 +244,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from poa_hpc.train.trainer import NonFiniteLossError
+    from poa_hpc.train.trainer import NonFiniteLossError, ResumeError
 
     try:
         return args.func(args)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, ResumeError) as exc:
         print(f"poa {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:

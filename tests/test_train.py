@@ -163,3 +163,32 @@ def test_training_on_an_image_folder_with_bad_files(tmp_path):
     assert summary["step"] == 26 // 8
     assert summary["skipped_images"] >= 1
     assert metrics(tmp_path / "run")[-1]["skipped_images"] == summary["skipped_images"]
+
+
+def test_resume_with_a_changed_model_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--config", "configs/demo_cpu.yaml", *TINY, f"train.output_dir={out}", "data.num_workers=0",
+            "train.max_steps=2"]
+    assert main(base) == 0
+    assert main(base[:1] + ["--resume"] + base[1:] + ["model.depth=5"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "model.depth: 4 -> 5" in err
+    (out / "checkpoints" / "last.pt").write_bytes(b"garbage")
+    assert main(base[:1] + ["--resume"] + base[1:]) == 2
+    assert "could not be read" in capsys.readouterr().err
+
+
+def test_eval_knn_cli_on_extracted_subnets(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "configs/demo_cpu.yaml", *TINY, f"train.output_dir={out}",
+                 "data.num_workers=0", "train.max_steps=2"]) == 0
+    assert main(["extract", str(out), "--subnet", "16x2", "--subnet", "32x4", "-o", str(tmp_path / "s")]) == 0
+    files = sorted(str(p) for p in (tmp_path / "s").glob("*.safetensors"))
+    capsys.readouterr()
+    assert main(["eval", "knn", *files]) == 0
+    table = capsys.readouterr().out
+    rows = [ln for ln in table.splitlines() if ln.startswith("vit_")]
+    assert len(rows) == 2 and "vit_16x2" in rows[0] and "vit_32x4" in rows[1]
+    top1 = [float(r.split()[-1].rstrip("%")) for r in rows]
+    assert all(0.0 <= t <= 100.0 for t in top1)
+    assert main(["eval", "knn", str(tmp_path / "nope.safetensors")]) == 2

@@ -53,7 +53,23 @@ def load_image(path: PathLike) -> Image.Image:
         return to_rgb(img)
 
 
-class ImageFolderDataset(Dataset):
+class _PathSamples(Dataset):
+    """A list of ``(path, label)`` decoded on access; bad files raise (the robust wrapper skips them)."""
+
+    samples: List[Tuple[str, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
+        path, target = self.samples[index]
+        return load_image(path), target
+
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
+
+
+class ImageFolderDataset(_PathSamples):
     """ImageNet layout: ``root/<class>/**/<image>``; classes sorted by name.
 
     Extensions (case-insensitive): .jpg .jpeg .png .bmp .webp.  Hidden entries
@@ -89,18 +105,9 @@ class ImageFolderDataset(Dataset):
             )
         self.targets: List[int] = [t for _, t in self.samples]
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
-        path, target = self.samples[index]
-        return load_image(path), target
-
-    def describe(self, index: int) -> str:
-        return self.samples[index][0]
 
 
-class FileListDataset(Dataset):
+class FileListDataset(_PathSamples):
     """A text file with one image per line: ``path`` or ``path label``.
 
     Relative paths are resolved against the list file's folder; blank lines and
@@ -136,15 +143,6 @@ class FileListDataset(Dataset):
             raise ValueError(f"FileListDataset: list file '{self.root}' lists no images")
         self.targets: List[int] = [t for _, t in self.samples]
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
-        path, target = self.samples[index]
-        return load_image(path), target
-
-    def describe(self, index: int) -> str:
-        return self.samples[index][0]
 
 
 @functools.lru_cache(maxsize=1)

@@ -39,8 +39,8 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
-    if path.is_dir():
-        path = path / LAST
+    if path.is_dir():  # a run folder or its checkpoints/ folder
+        path = path / "checkpoints" / LAST if (path / "checkpoints" / LAST).is_file() else path / LAST
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     try:

@@ -35,6 +35,33 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped without touching the last checkpoint."""
 
 
+class ResumeError(ValueError):
+    """The checkpoint to resume from does not belong to this configuration."""
+
+
+def _flat(d: dict, prefix: str = "") -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Keys that must not change across a resume: they define the parameters or the sampled sequence.
+_RESUME_FIXED = ("model.", "head.", "train.seed")
+
+
+def check_resumable(saved_cfg: dict, cfg: POAConfig, path: Path) -> None:
+    saved, now = _flat(saved_cfg), _flat(to_dict(cfg))
+    changed = [k for k in now if k.startswith(_RESUME_FIXED) and saved.get(k) != now[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:5])
+        raise ResumeError(f"cannot resume from '{path}': the config changed ({detail}); "
+                          f"use a new train.output_dir or restore these keys")
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"poa-step-{seed}-{rank}-{step}".encode()).digest()[:8], "little") >> 1
 
@@ -110,7 +137,11 @@ def train(cfg: POAConfig, resume: bool = False, rank: int = 0, world_size: int =
         if last is None:
             log.info("resume requested but %s has no checkpoint; starting from scratch", ckpt_dir)
         else:
-            ckpt = load_checkpoint(last, map_location=device)
+            try:
+                ckpt = load_checkpoint(last, map_location=device)
+            except ValueError as exc:
+                raise ResumeError(str(exc)) from None
+            check_resumable(ckpt["config"], cfg, last)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             start_step = int(ckpt["step"])
@@ -149,6 +180,7 @@ def train(cfg: POAConfig, resume: bool = False, rank: int = 0, world_size: int =
         for step in range(start_step, end):
             torch.manual_seed(step_seed(cfg.train.seed, rank, step))
             batch = next(it)
+            assert int(batch.get("step", step)) == step, f"loader out of step: batch {batch.get('step')} at step {step}"
             skipped += int(batch.get("n_skipped", 0))
             s = sched.at(step)
             apply_schedules(optimizer, s["lr"], s["wd"], s["last_layer_lr"])
