@@ -192,3 +192,14 @@ def test_eval_knn_cli_on_extracted_subnets(tmp_path, capsys):
     top1 = [float(r.split()[-1].rstrip("%")) for r in rows]
     assert all(0.0 <= t <= 100.0 for t in top1)
     assert main(["eval", "knn", str(tmp_path / "nope.safetensors")]) == 2
+
+
+def test_demo_command_end_to_end_short(tmp_path, capsys):
+    """`poa demo` trains, extracts 3 sub-networks from the teacher and prints init vs trained k-NN."""
+    overrides = [o for o in TINY if not o.startswith("optim.epochs")] + ["optim.epochs=1", "data.num_workers=0"]
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "sub-networks at initialisation" in out and "after POA training" in out
+    lines = [ln for ln in out.splitlines() if "at init ->" in ln]
+    assert [ln.split(":")[0] for ln in lines] == ["vit_16x2", "vit_24x3", "vit_32x4"]
+    assert len(list((tmp_path / "demo" / "subnets").glob("*.safetensors"))) == 3
