@@ -147,3 +147,11 @@ def test_intact_forward_equals_plain_vit_math():
     m = randomised()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     torch.testing.assert_close(m(x), reference_forward(m, x, 48, 5))
+
+
+def test_module_call_returns_features_dict():
+    m = randomised()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    feats = m(x, 24, 3, features=True)
+    torch.testing.assert_close(feats["x_norm_clstoken"], m(x, 24, 3))
+    assert feats["x_norm_patchtokens"].shape == (2, 16, 24)

@@ -254,9 +254,22 @@ class ElasticViT(nn.Module):
         tokens = self.norm(tokens)
         return {"x_norm_clstoken": tokens[:, 0], "x_norm_patchtokens": tokens[:, 1:]}
 
-    def forward(self, x: torch.Tensor, width: Optional[int] = None, depth: Optional[int] = None) -> torch.Tensor:
-        """[CLS] features (B, w)."""
-        return self.forward_features(x, width=width, depth=depth)["x_norm_clstoken"]
+    def forward(
+        self,
+        x: torch.Tensor,
+        width: Optional[int] = None,
+        depth: Optional[int] = None,
+        masks: Optional[torch.Tensor] = None,
+        features: bool = False,
+    ):
+        """[CLS] features (B, w), or with ``features=True`` the dict of :meth:`forward_features`.
+
+        Training code calls the module (not ``forward_features``) so that wrappers'
+        pre-forward hooks (FSDP2 unshard, ZeRO-3 gather) fire on the backbone's own
+        parameters for every branch.
+        """
+        out = self.forward_features(x, masks=masks, width=width, depth=depth)
+        return out if features else out["x_norm_clstoken"]
 
 
 def build_vit(arch: ViTArch, drop_path_rate: float = 0.0, linear_backend: str = "torch", attn_backend: str = "sdpa") -> ElasticViT:

@@ -90,7 +90,7 @@ class POA(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, inp: StepInputs, teacher_temp: float, ibot: bool) -> List[Dict[str, torch.Tensor]]:
         lc = self.cfg.loss
-        feats = self.teacher["backbone"].forward_features(inp.global_crops)
+        feats = self.teacher["backbone"](inp.global_crops, features=True)
         cls = feats["x_norm_clstoken"]
         tokens = [cls]
         if ibot:
@@ -109,10 +109,10 @@ class POA(nn.Module):
     def student_outputs(self, inp: StepInputs, sub: Subnet, ibot: bool) -> Dict[str, object]:
         """Backbone [CLS] features and per-head logits of the student at ``sub``."""
         backbone, heads = self.student["backbone"], self.student["heads"]
-        g = backbone.forward_features(inp.global_crops, inp.masks if ibot else None, sub.width, sub.depth)
+        g = backbone(inp.global_crops, sub.width, sub.depth, masks=inp.masks if ibot else None, features=True)
         tokens = [g["x_norm_clstoken"]]
         if inp.local_crops is not None:
-            tokens.append(backbone.forward_features(inp.local_crops, None, sub.width, sub.depth)["x_norm_clstoken"])
+            tokens.append(backbone(inp.local_crops, sub.width, sub.depth))
         if ibot:
             tokens.append(g["x_norm_patchtokens"].flatten(0, 1)[inp.mask_indices])
         x = torch.cat(tokens)
