@@ -375,21 +375,30 @@ def test_collate_layout_and_masks(b: int, p: float) -> None:
     assert batch["indices"].tolist() == [100 + i for i in range(b)]
 
 
-def test_collator_masks_depend_on_seed_step_rank_only() -> None:
-    def masks(seed: int, rank: int, step: int) -> torch.Tensor:
+def test_collator_masks_depend_on_seed_step_and_slot_only() -> None:
+    def masks(seed: int, step: int, first: int = 0, global_batch: int = 12) -> torch.Tensor:
         samples = _fake_samples(6, 0)
-        for s in samples:
-            s["step"] = step
-        return MultiCropCollator(seed, rank, grid_size=8)(samples)["masks"]
+        for i, s in enumerate(samples):
+            s["step"], s["gpos"] = step, first + i
+        return MultiCropCollator(seed, grid_size=8, global_batch=global_batch)(samples)["masks"]
 
-    assert torch.equal(masks(0, 0, 3), masks(0, 0, 3))
-    assert not torch.equal(masks(0, 0, 3), masks(0, 0, 4))
-    assert not torch.equal(masks(0, 0, 3), masks(0, 1, 3))
-    assert not torch.equal(masks(0, 0, 3), masks(1, 0, 3))
+    assert torch.equal(masks(0, 3), masks(0, 3))
+    assert not torch.equal(masks(0, 3), masks(0, 4))
+    assert not torch.equal(masks(0, 3), masks(1, 3))
+    assert not torch.equal(masks(0, 3), masks(0, 3, first=6))  # the other half of the global batch
+    # Two halves of a global batch of 12 == one batch of 12 (view-major rows).
+    whole = masks(0, 3, global_batch=12)
+    samples = _fake_samples(12, 0)
+    for i, s in enumerate(samples):
+        s["step"], s["gpos"] = 3, i
+    full = MultiCropCollator(0, grid_size=8, global_batch=12)(samples)["masks"]
+    a, b = masks(0, 3, 0), masks(0, 3, 6)
+    assert torch.equal(torch.cat([a[:6], b[:6], a[6:], b[6:]]), full)
+    assert torch.equal(whole, a)
     mixed = _fake_samples(2, 0)
     mixed[1]["step"] = 6
     with pytest.raises(ValueError, match="one step"):
-        MultiCropCollator(0, 0, grid_size=8)(mixed)
+        MultiCropCollator(0, grid_size=8)(mixed)
 
 
 # --------------------------------------------------------------------------- loader
@@ -444,12 +453,21 @@ def test_rank_sharding_and_epoch_permutation() -> None:
     single, _ = build_train_loader(cfg8)
     assert set(next(single)["indices"].tolist()) == i0 | i1
 
-    ds = ranks[0].dataset  # the augmentation seed depends on rank too, not only on (step, position)
+    # World-size invariance: the two ranks' batches, put side by side, are the single-process batch.
+    single, _ = build_train_loader(cfg8)
+    full = next(single)
+    for key in ("global_crops", "masks"):
+        views = [t.view(2, 4, *t.shape[1:]) for t in (b0[key], b1[key])]
+        assert torch.equal(torch.cat(views, 1).flatten(0, 1), full[key]), key
+    lv = [t.view(cfg.data.n_local, 4, *t.shape[1:]) for t in (b0["local_crops"], b1["local_crops"])]
+    assert torch.equal(torch.cat(lv, 1).flatten(0, 1), full["local_crops"])
+
+    ds = ranks[0].dataset  # the augmentation seed depends on (step, global position) only
     from poa_hpc.data import SampleKey
 
     same = ds[SampleKey(0, 0, 0, 5)]["global_crops"][0]
     assert torch.equal(same, ds[SampleKey(0, 0, 0, 5)]["global_crops"][0])
-    assert not torch.equal(same, ds[SampleKey(0, 1, 0, 5)]["global_crops"][0])
+    assert torch.equal(same, ds[SampleKey(0, 1, 0, 5)]["global_crops"][0])
     assert not torch.equal(same, ds[SampleKey(1, 0, 0, 5)]["global_crops"][0])
     assert not torch.equal(same, ds[SampleKey(0, 0, 1, 5)]["global_crops"][0])
 

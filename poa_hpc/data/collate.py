@@ -2,15 +2,18 @@
 
 Port of DINOv2's ``collate_data_and_cast``.  Crops are stacked *view-major*
 (all samples' view 0, then all samples' view 1, ...) so the model can split the
-batch per view with ``chunk``.  Masks are drawn with an explicit
-``random.Random`` seeded from ``(seed, step, rank)``: a batch's masks depend on
-nothing else (not on worker count, not on how many batches came before).
+batch per view with ``chunk``.  Masks follow DINOv2's recipe over the *global*
+batch (all ranks): a plan drawn from ``(seed, step)`` decides which of the
+``2 x global batch`` crop slots are masked and with which ratio stratum, and
+each slot's mask comes from its own RNG seeded ``(seed, step, slot)``.  A rank
+draws only its own slots, and the result depends on nothing else (not on the
+worker count, the rank split, or the batches that came before).
 """
 
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,9 +24,10 @@ from .transforms import derive_seed
 if TYPE_CHECKING:  # pragma: no cover
     from poa_hpc.config import POAConfig
 
-__all__ = ["collate_multicrop", "MultiCropCollator", "build_collator", "MASK_STREAM"]
+__all__ = ["collate_multicrop", "mask_plan", "MultiCropCollator", "build_collator", "MASK_STREAM"]
 
 MASK_STREAM = 0x4D41534B  # "MASK": keeps the mask RNG stream apart from the others
+SLOT_STREAM = 0x534C4F54  # "SLOT": one mask RNG per crop slot
 
 
 def _stack_view_major(samples: Sequence[Mapping[str, Any]], key: str) -> torch.Tensor:
@@ -31,6 +35,19 @@ def _stack_view_major(samples: Sequence[Mapping[str, Any]], key: str) -> torch.T
     if n_views == 0:
         return torch.empty(0)
     return torch.stack([s[key][v] for v in range(n_views) for s in samples])
+
+
+def mask_plan(
+    n_slots: int, mask_probability: float, mask_ratio: Tuple[float, float], rng: random.Random
+) -> Dict[int, Tuple[float, float]]:
+    """DINOv2's plan: ``int(n_slots * p)`` slots get one ratio stratum each of
+    ``linspace(ratio_min, ratio_max, n + 1)``, assigned to random slots; the
+    others stay unmasked.  Returns ``{slot: (lo, hi)}``."""
+    n_masked = int(n_slots * mask_probability)
+    probs = np.linspace(mask_ratio[0], mask_ratio[1], n_masked + 1)
+    order = list(range(n_slots))
+    rng.shuffle(order)
+    return {order[k]: (float(probs[k]), float(probs[k + 1])) for k in range(n_masked)}
 
 
 def collate_multicrop(
@@ -41,16 +58,20 @@ def collate_multicrop(
     mask_ratio: Tuple[float, float] = (0.1, 0.5),
     mask_probability: float = 0.5,
     dtype: Optional[torch.dtype] = None,
+    global_batch: Optional[int] = None,
+    slot_rng: Optional[Callable[[int], random.Random]] = None,
 ) -> Dict[str, Any]:
     """Stack multi-crop samples and draw iBOT masks for the global crops.
 
     ``samples`` are dicts with ``global_crops`` / ``local_crops`` (lists of
     ``(C, H, W)`` tensors) and optionally ``label``, ``n_skipped``, ``index``.
 
-    Masking (DINOv2): of the ``2B`` global crops, ``int(2B * mask_probability)``
-    are masked; their ratios are drawn one per stratum of
-    ``linspace(ratio_min, ratio_max, n_masked + 1)`` so the batch spans the whole
-    range; the rest get empty masks; then the order is shuffled.
+    Masking (DINOv2): of the ``2G`` global crops of the global batch
+    (``G = global_batch``, default this batch), ``int(2G * mask_probability)``
+    are masked with one ratio stratum each of ``linspace(ratio_min, ratio_max,
+    n + 1)`` (see :func:`mask_plan`, drawn with ``rng``); this batch's crops sit
+    at slots ``view * G + sample["gpos"]`` and each masked slot ``j`` draws its
+    mask with ``slot_rng(j)``.
 
     Returns:
         ``global_crops`` (2B, C, H, W); ``local_crops`` (n_local*B, C, h, w) (an
@@ -72,19 +93,28 @@ def collate_multicrop(
         global_crops = global_crops.to(dtype)
         local_crops = local_crops.to(dtype)
 
-    n_crops = global_crops.shape[0]
+    B = len(samples)
+    G = int(global_batch or B)
+    gpos = [int(s.get("gpos", i)) for i, s in enumerate(samples)]
+    if any(not 0 <= g < G for g in gpos):
+        raise ValueError(f"collate_multicrop: global positions {gpos} outside a global batch of {G}")
+    slots = [v * G + g for v in range(2) for g in gpos]  # view-major, as the stacked crops
+    if slot_rng is None:
+        base = rng.getrandbits(63)
+        slot_rng = lambda j: random.Random(base + j)  # noqa: E731
     n_tokens = mask_generator.num_patches
-    n_samples_masked = int(n_crops * mask_probability)
-    probs = np.linspace(mask_ratio[0], mask_ratio[1], n_samples_masked + 1)
+    plan = mask_plan(2 * G, mask_probability, mask_ratio, rng)
     upperbound = 0
     masks_list: List[np.ndarray] = []
-    for i in range(n_samples_masked):
-        lo, hi = float(probs[i]), float(probs[i + 1])
-        masks_list.append(mask_generator(int(n_tokens * rng.uniform(lo, hi)), rng=rng))
+    for j in slots:
+        stratum = plan.get(j)
+        if stratum is None:
+            masks_list.append(np.zeros(mask_generator.get_shape(), dtype=bool))
+            continue
+        lo, hi = stratum
+        r = slot_rng(j)
+        masks_list.append(mask_generator(int(n_tokens * r.uniform(lo, hi)), rng=r))
         upperbound += int(n_tokens * hi)
-    for _ in range(n_samples_masked, n_crops):
-        masks_list.append(np.zeros(mask_generator.get_shape(), dtype=bool))
-    rng.shuffle(masks_list)
 
     masks = torch.from_numpy(np.stack(masks_list)).flatten(1)
     mask_indices = masks.flatten().nonzero().flatten()
@@ -108,30 +138,30 @@ def collate_multicrop(
 
 
 class MultiCropCollator:
-    """Picklable ``collate_fn``: seeds the mask RNG from ``(seed, step, rank)``.
+    """Picklable ``collate_fn``: mask plan from ``(seed, step)``, each slot's mask from ``(seed, step, slot)``.
 
-    The step comes from the samples (the batch sampler stamps it on every
-    sample key), so the collate is correct in any worker process.
+    The step and the global positions come from the samples (the batch sampler
+    stamps them on every sample key), so the collate is correct in any worker.
     """
 
     def __init__(
         self,
         seed: int,
-        rank: int,
         grid_size: int,
+        global_batch: Optional[int] = None,
         mask_ratio: Tuple[float, float] = (0.1, 0.5),
         mask_probability: float = 0.5,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         self.seed = int(seed)
-        self.rank = int(rank)
+        self.global_batch = global_batch
         self.mask_ratio = (float(mask_ratio[0]), float(mask_ratio[1]))
         self.mask_probability = float(mask_probability)
         self.dtype = dtype
         self.mask_generator = MaskingGenerator((grid_size, grid_size), max_num_patches=0.5 * grid_size * grid_size)
 
     def rng_for(self, step: int) -> random.Random:
-        return random.Random(derive_seed(self.seed, MASK_STREAM, step, self.rank))
+        return random.Random(derive_seed(self.seed, MASK_STREAM, step))
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         steps = {int(s["step"]) for s in samples}
@@ -145,18 +175,20 @@ class MultiCropCollator:
             mask_ratio=self.mask_ratio,
             mask_probability=self.mask_probability,
             dtype=self.dtype,
+            global_batch=self.global_batch,
+            slot_rng=lambda j: random.Random(derive_seed(self.seed, SLOT_STREAM, step, j)),
         )
         batch["step"] = step
         return batch
 
 
-def build_collator(cfg: "POAConfig", rank: int = 0) -> MultiCropCollator:
+def build_collator(cfg: "POAConfig", global_batch: Optional[int] = None) -> MultiCropCollator:
     """Collator for ``cfg``: grid = global_size // patch_size, mask fields from ``cfg.loss``."""
     grid = cfg.data.global_size // cfg.model.patch_size
     return MultiCropCollator(
         seed=cfg.train.seed,
-        rank=rank,
         grid_size=grid,
+        global_batch=global_batch,
         mask_ratio=(cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max),
         mask_probability=cfg.loss.mask_sample_probability,
     )

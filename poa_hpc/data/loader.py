@@ -9,13 +9,16 @@ The batch at global step ``s`` is a pure function of
   ``s`` takes the global batch at offset ``(s % iters_per_epoch) * B * W`` and
   rank ``r`` takes its slice ``[r * B, (r + 1) * B)`` of it;
 * **how they are augmented**: each sample seeds torch's and Python's RNGs from
-  ``(seed, s, rank, position in batch)`` (see :func:`seeded_rng`);
-* **which patches are masked**: the collate seeds a ``random.Random`` from
-  ``(seed, s, rank)``.
+  ``(seed, s, position in the global batch)`` (see :func:`seeded_rng`);
+* **which patches are masked**: the mask plan is drawn for the whole global
+  batch from ``(seed, s)`` and each crop's mask from ``(seed, s, its slot)``.
 
 Nothing depends on ``num_workers`` or on the batches drawn before, so starting
 fresh at ``start_step=s`` reproduces exactly the batches a run that got to ``s``
-would have seen (exact resume after a kill).
+would have seen (exact resume after a kill).  Nothing depends on how the
+global batch is split either: the concatenation of the ranks' batches is the
+batch a single process with the same global batch sees, crops and masks
+included, so a W-process run computes the same step as one process.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class SampleKey(NamedTuple):
 
     step: int
     rank: int
-    pos: int  # position within this rank's batch
+    pos: int  # position within the global batch (rank * batch_size + position on this rank)
     index: int  # dataset index requested (a skip may substitute the next one)
 
 
@@ -137,7 +140,8 @@ class StepBatchSampler:
         return out
 
     def batch_for_step(self, step: int) -> List[SampleKey]:
-        return [SampleKey(step, self.rank, j, i) for j, i in enumerate(self.indices_for_step(step))]
+        first = self.rank * self.batch_size
+        return [SampleKey(step, self.rank, first + j, i) for j, i in enumerate(self.indices_for_step(step))]
 
     def __iter__(self) -> Iterator[List[SampleKey]]:
         step = self.start_step
@@ -150,9 +154,9 @@ class MultiCropTrainDataset(Dataset):
     """Maps a :class:`SampleKey` to a multi-crop sample, seeded per sample.
 
     The augmentation runs under :func:`seeded_rng` (torch + Python RNGs seeded
-    from ``(seed, step, rank, pos)`` and restored afterwards), so the crops do
-    not depend on the process or on what ran before, and the caller's RNG state
-    is left untouched when ``num_workers=0``.
+    from ``(seed, step, global position)`` and restored afterwards), so the crops
+    depend neither on the process, nor on the rank split, nor on what ran
+    before, and the caller's RNG state is left untouched when ``num_workers=0``.
     """
 
     def __init__(self, source: Dataset, transform: Callable[[Any], Dict[str, Any]], seed: int) -> None:
@@ -164,14 +168,14 @@ class MultiCropTrainDataset(Dataset):
         return len(self.source)
 
     def sample_seed(self, key: SampleKey) -> int:
-        return derive_seed(self.seed, AUG_STREAM, key.step, key.rank, key.pos)
+        return derive_seed(self.seed, AUG_STREAM, key.step, key.pos)
 
     def __getitem__(self, key: SampleKey) -> Dict[str, Any]:
         step, rank, pos, index = key
         item = self.source[index]
         with seeded_rng(self.sample_seed(SampleKey(step, rank, pos, index))):
             sample = dict(self.transform(item.image))
-        sample.update(label=item.label, index=item.index, n_skipped=item.n_skipped, step=int(step))
+        sample.update(label=item.label, index=item.index, n_skipped=item.n_skipped, step=int(step), gpos=int(pos))
         return sample
 
 
@@ -266,7 +270,7 @@ def build_train_loader(
         start_step=start_step,
     )
     train_ds = MultiCropTrainDataset(source, build_multicrop(cfg), seed=cfg.train.seed)
-    collator: MultiCropCollator = build_collator(cfg, rank=rank)
+    collator: MultiCropCollator = build_collator(cfg, global_batch=global_batch)
     num_workers = max(0, int(cfg.data.num_workers))
     loader = DataLoader(
         train_ds,
