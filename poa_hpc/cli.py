@@ -39,11 +39,22 @@ def packaged_config(name: str) -> Path:
 
 # ------------------------------------------------------------------ train
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
     from poa_hpc.train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before any launch
+    if args.nproc > 1 and "RANK" not in os.environ:
+        if cfg.dist.engine == "none":
+            raise UsageError("--nproc > 1 needs a distributed engine: add dist.engine=fsdp (or ddp)")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "poa_hpc", "train", "--config", args.config, *(["--resume"] if args.resume else []),
+               *args.overrides]
+        return subprocess.call(cmd)
     summary = train(cfg, resume=args.resume)
-    print(f"trained to step {summary['step']}; checkpoint: {summary['checkpoint']}")
+    if summary["rank"] == 0:
+        print(f"trained to step {summary['step']}; checkpoint: {summary['checkpoint']}")
     return 0
 
 
@@ -61,7 +72,7 @@ def _load_teacher(ckpt_path: str, which: str):
     prefix = f"{which}."
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     branch.load_state_dict(state)
-    backbone = branch["backbone"].eval().requires_grad_(False)
+    backbone = branch.backbone.eval().requires_grad_(False)
     return cfg, backbone, int(ckpt.get("step", 0))
 
 
@@ -206,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="pre-train a POA model")
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
-    t.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/checkpoints/last.pt")
+    t.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/checkpoints")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (launches torchrun; needs dist.engine=fsdp or ddp)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3")
     t.set_defaults(func=cmd_train)
 

@@ -127,6 +127,16 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    """How the step is distributed; the launcher (torchrun, Slurm) sets the world."""
+
+    engine: str = "none"  # none (one process) | ddp (replicated, averaged grads) | fsdp (FSDP2 fully_shard)
+    activation_checkpointing: bool = False  # fsdp: recompute each student block in backward
+    compile: bool = False  # fsdp: torch.compile each block
+    reshard_after_forward: bool = True  # fsdp: free gathered block params after forward (ZeRO-3 like)
+
+
+@dataclass
 class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -141,6 +151,7 @@ class POAConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -152,6 +163,7 @@ _CHOICES = {
     "data.dataset": ("imagefolder", "filelist", "digits"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("auto", "bf16", "none"),
+    "dist.engine": ("none", "ddp", "fsdp"),
 }
 
 

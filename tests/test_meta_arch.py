@@ -61,7 +61,7 @@ def test_step_runs_and_only_student_gets_gradients():
     assert all(p.grad is None for p in m.teacher.parameters())
     missing = [n for n, p in m.student.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
-    assert m.student["backbone"].mask_token.grad.abs().sum() > 0  # iBOT reaches the mask token
+    assert m.student.backbone.mask_token.grad.abs().sum() > 0  # iBOT reaches the mask token
 
 
 def test_total_loss_composition():
@@ -153,9 +153,9 @@ def test_heads_are_averaged_not_summed():
     one = make(tiny_cfg("head.prototypes=[16]"))
     two = make(tiny_cfg("head.prototypes=[16,16]"))
     with torch.no_grad():
-        two.student["heads"][1].load_state_dict(two.student["heads"][0].state_dict())
-        one.student["heads"][0].load_state_dict(two.student["heads"][0].state_dict())
-        one.student["backbone"].load_state_dict(two.student["backbone"].state_dict())
+        two.student.heads[1].load_state_dict(two.student.heads[0].state_dict())
+        one.student.heads[0].load_state_dict(two.student.heads[0].state_dict())
+        one.student.backbone.load_state_dict(two.student.backbone.state_dict())
         one.teacher.load_state_dict(one.student.state_dict())
         two.teacher.load_state_dict(two.student.state_dict())
     a = one.forward_backward(batch(), Subnet(16, 2), 0.04, ibot=True)

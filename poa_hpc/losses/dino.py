@@ -42,11 +42,16 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iters: int = 3, n_rows: 
     mass instead of turning into 0/0.
     """
     scores = upcast(logits) / temp
-    Q = torch.exp(scores - scores.max(dim=1, keepdim=True).values).t()  # K x B, every sample has a 1
+    if scores.shape[0] == 0:  # this rank holds no row (e.g. no masked patch): an empty (0, K) max
+        Q = scores.t().clone()
+    else:
+        Q = torch.exp(scores - scores.max(dim=1, keepdim=True).values).t()  # K x B, every sample has a 1
     K = Q.shape[0]
     tiny = torch.finfo(Q.dtype).tiny
     if n_rows is None:
         n_rows = int(_all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device)).item())
+    if n_rows == 0:
+        return Q.t()
     Q /= _all_reduce(Q.sum())
     for _ in range(n_iters):
         Q /= _all_reduce(Q.sum(dim=1, keepdim=True)).clamp_min(tiny)  # each prototype gets mass 1/K

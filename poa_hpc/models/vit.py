@@ -198,6 +198,10 @@ class ElasticViT(nn.Module):
             for _ in range(arch.depth)
         )
         self.norm = ElasticLayerNorm(D, eps=1e-6)
+        # Set by sharding engines whose collectives run per block (FSDP2, ZeRO-3): a block this
+        # sub-network skips still runs, on an empty batch, so every rank issues the same
+        # all-gathers and reduce-scatters even when ranks train sub-networks of different depth.
+        self.sync_skipped_blocks = False
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -248,9 +252,14 @@ class ElasticViT(nn.Module):
             tokens = torch.where(masks.unsqueeze(-1), self.mask_token[:, :width].to(tokens.dtype).unsqueeze(0), tokens)
         tokens = torch.cat([self.cls_token[..., :width].expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)
         tokens = tokens + self._pos_embed(H // self.patch_size, W // self.patch_size, width).to(tokens.dtype)
-        ids = range(self.depth) if depth == self.depth else block_ids(self.depth, depth)
-        for i in ids:
-            tokens = self.blocks[i](tokens)
+        ids = set(range(self.depth) if depth == self.depth else block_ids(self.depth, depth))
+        for i, block in enumerate(self.blocks):
+            if i in ids:
+                tokens = block(tokens)
+            elif self.sync_skipped_blocks:
+                empty = block(tokens[:0])
+                if torch.is_grad_enabled():  # keep it in the graph so its backward hooks run too
+                    tokens = tokens + 0.0 * empty.sum()
         tokens = self.norm(tokens)
         return {"x_norm_clstoken": tokens[:, 0], "x_norm_patchtokens": tokens[:, 1:]}
 

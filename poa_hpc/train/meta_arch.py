@@ -40,12 +40,54 @@ def vit_arch(cfg: POAConfig) -> ViTArch:
                    m.qkv_bias, m.layerscale_init)
 
 
-def build_branch(cfg: POAConfig, drop_path_rate: float) -> nn.ModuleDict:
-    """A backbone plus its projection heads: the layout of both student and teacher."""
+class Branch(nn.Module):
+    """A backbone plus its projection heads: the layout of both student and teacher.
+
+    ``forward`` is the whole branch (backbone on global and local crops, every
+    head on [CLS] tokens and masked patch tokens), so wrappers that need one
+    forward per module (DDP, DeepSpeed, an FSDP root) can wrap a branch.
+    """
+
+    def __init__(self, backbone: ElasticViT, heads: nn.ModuleList):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = heads
+
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        local_crops: Optional[torch.Tensor] = None,
+        masks: Optional[torch.Tensor] = None,
+        mask_indices: Optional[torch.Tensor] = None,
+        width: Optional[int] = None,
+        depth: Optional[int] = None,
+    ) -> Dict[str, object]:
+        """Backbone [CLS] of the global crops and, per head, logits of global/local [CLS] and of
+        the patch tokens at ``mask_indices`` (flat indices into the global crops' patches)."""
+        g = self.backbone(global_crops, width, depth, masks=masks, features=True)
+        tokens = [g["x_norm_clstoken"]]
+        if local_crops is not None:
+            tokens.append(self.backbone(local_crops, width, depth))
+        if mask_indices is not None:
+            tokens.append(g["x_norm_patchtokens"].flatten(0, 1)[mask_indices])
+        x = torch.cat(tokens)
+        sizes = [t.shape[0] for t in tokens]
+        logits = []
+        for head in self.heads:
+            parts = _split(head(x), sizes)
+            logits.append({
+                "global": parts[0],
+                "local": parts[1] if local_crops is not None else None,
+                "patch": parts[-1] if mask_indices is not None else None,
+            })
+        return {"cls_global": g["x_norm_clstoken"], "logits": logits}
+
+
+def build_branch(cfg: POAConfig, drop_path_rate: float) -> Branch:
     m, h = cfg.model, cfg.head
     backbone = build_vit(vit_arch(cfg), drop_path_rate, m.elastic_linear, m.attention)
     heads = build_heads(m.embed_dim, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, m.elastic_linear)
-    return nn.ModuleDict({"backbone": backbone, "heads": heads})
+    return Branch(backbone, heads)
 
 
 @dataclass
@@ -90,42 +132,20 @@ class POA(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, inp: StepInputs, teacher_temp: float, ibot: bool) -> List[Dict[str, torch.Tensor]]:
         lc = self.cfg.loss
-        feats = self.teacher["backbone"](inp.global_crops, features=True)
-        cls = feats["x_norm_clstoken"]
-        tokens = [cls]
-        if ibot:
-            tokens.append(feats["x_norm_patchtokens"].flatten(0, 1)[inp.mask_indices])
-        x = torch.cat(tokens)
+        out = self.teacher(inp.global_crops, mask_indices=inp.mask_indices if ibot else None)
         targets = []
-        for head in self.teacher["heads"]:
-            logits = _split(head(x), [t.shape[0] for t in tokens])
-            target = {"cls": sinkhorn_knopp(logits[0], teacher_temp, lc.sinkhorn_iters)}
+        for lg in out["logits"]:
+            target = {"cls": sinkhorn_knopp(lg["global"], teacher_temp, lc.sinkhorn_iters)}
             if ibot:
-                target["patch"] = sinkhorn_knopp(logits[1], teacher_temp, lc.sinkhorn_iters)
+                target["patch"] = sinkhorn_knopp(lg["patch"], teacher_temp, lc.sinkhorn_iters)
             targets.append(target)
         return targets
 
     # ---------------------------------------------------------------- students
     def student_outputs(self, inp: StepInputs, sub: Subnet, ibot: bool) -> Dict[str, object]:
         """Backbone [CLS] features and per-head logits of the student at ``sub``."""
-        backbone, heads = self.student["backbone"], self.student["heads"]
-        g = backbone(inp.global_crops, sub.width, sub.depth, masks=inp.masks if ibot else None, features=True)
-        tokens = [g["x_norm_clstoken"]]
-        if inp.local_crops is not None:
-            tokens.append(backbone(inp.local_crops, sub.width, sub.depth))
-        if ibot:
-            tokens.append(g["x_norm_patchtokens"].flatten(0, 1)[inp.mask_indices])
-        x = torch.cat(tokens)
-        sizes = [t.shape[0] for t in tokens]
-        logits = []
-        for head in heads:
-            parts = _split(head(x), sizes)
-            logits.append({
-                "global": parts[0],
-                "local": parts[1] if inp.local_crops is not None else None,
-                "patch": parts[-1] if ibot else None,
-            })
-        return {"cls_global": g["x_norm_clstoken"], "logits": logits}
+        return self.student(inp.global_crops, inp.local_crops, inp.masks if ibot else None,
+                            inp.mask_indices if ibot else None, sub.width, sub.depth)
 
     def _branch_loss(self, out: Dict[str, object], targets, inp: StepInputs, ibot: bool,
                      intact_logits: Optional[list] = None) -> Dict[str, torch.Tensor]:
@@ -172,7 +192,8 @@ class POA(nn.Module):
         lc = self.cfg.loss
         device = next(self.student.parameters()).device
         inp = StepInputs.from_batch(batch, device)
-        ibot = ibot and inp.mask_indices.numel() > 0
+        # iBOT is on or off for all ranks alike (a rank may hold no masked patch this step;
+        # Sinkhorn-Knopp's all-reduces still have to run there).
         lam = lc.lam
         with ctx():
             targets = self.teacher_targets(inp, teacher_temp, ibot)
@@ -202,4 +223,4 @@ class POA(nn.Module):
         torch._foreach_add_(t, s, alpha=1.0 - momentum)
 
     def teacher_backbone(self) -> ElasticViT:
-        return self.teacher["backbone"]
+        return self.teacher.backbone

@@ -22,10 +22,12 @@ import torch
 
 from poa_hpc.config import POAConfig, to_dict, to_yaml
 from poa_hpc.data.loader import build_train_loader
+from poa_hpc.distributed.engines import build_engine
+from poa_hpc.distributed.env import all_reduce_mean, init_distributed, shutdown
 from poa_hpc.models.subnets import SubnetSampler
-from poa_hpc.train.checkpoint import LAST, atomic_save, find_last, load_checkpoint
+from poa_hpc.train.checkpoint import LAST
 from poa_hpc.train.meta_arch import POA
-from poa_hpc.train.optim import apply_schedules, build_optimizer, clip_grad_norm
+from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.schedules import build_schedules
 
 log = logging.getLogger("poa_hpc.train")
@@ -64,14 +66,6 @@ def check_resumable(saved_cfg: dict, cfg: POAConfig, path: Path) -> None:
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"poa-step-{seed}-{rank}-{step}".encode()).digest()[:8], "little") >> 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def autocast_factory(amp: str, device: torch.device):
@@ -121,31 +115,42 @@ class MetricsLog:
             self.tb.close()
 
 
-def train(cfg: POAConfig, resume: bool = False, rank: int = 0, world_size: int = 1) -> Dict[str, object]:
-    """Train POA; returns a summary (final step, checkpoint path, last metrics)."""
-    device = resolve_device(cfg.train.device)
+def train(cfg: POAConfig, resume: bool = False) -> Dict[str, object]:
+    """Train POA in this process (one rank of a torchrun/Slurm job, or alone); returns a summary."""
+    ctx = init_distributed(cfg.train.device)
+    try:
+        summary = _train(cfg, resume, ctx)
+    except BaseException:
+        if ctx.distributed:  # no barrier: the other ranks may be gone
+            torch.distributed.destroy_process_group()
+        raise
+    if ctx.distributed:
+        shutdown()
+    return summary
+
+
+def _train(cfg: POAConfig, resume: bool, ctx) -> Dict[str, object]:
+    device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
 
     model = build_model(cfg).to(device)
-    optimizer = build_optimizer(model.student.named_parameters(), cfg, num_layers=cfg.model.depth)
+    engine = build_engine(cfg.dist, ctx, cfg.train.amp)
+    optimizer = engine.setup(model, lambda named: build_optimizer(named, cfg, num_layers=cfg.model.depth))
     start_step = 0
     if resume:
-        last = find_last(out_dir)
-        if last is None:
+        if not engine.has_checkpoint(ckpt_dir):
             log.info("resume requested but %s has no checkpoint; starting from scratch", ckpt_dir)
         else:
             try:
-                ckpt = load_checkpoint(last, map_location=device)
+                meta = engine.load(ckpt_dir, check=lambda m: check_resumable(m["config"], cfg, ckpt_dir))
             except ValueError as exc:
                 raise ResumeError(str(exc)) from None
-            check_resumable(ckpt["config"], cfg, last)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_step = int(ckpt["step"])
-            log.info("resumed from %s at step %d", last, start_step)
+            start_step = int(meta["step"])
+            log.info("resumed from %s at step %d (%s engine, %d ranks)", ckpt_dir, start_step, engine.name, world_size)
 
     loader, iters_per_epoch = build_train_loader(cfg, rank=rank, world_size=world_size, start_step=start_step)
     total = cfg.optim.epochs * iters_per_epoch
@@ -155,15 +160,12 @@ def train(cfg: POAConfig, resume: bool = False, rank: int = 0, world_size: int =
     ibot_start = cfg.loss.ibot_start_epoch * iters_per_epoch
     autocast = autocast_factory(cfg.train.amp, device)
     global_batch = cfg.optim.batch_size * world_size
-    metrics = MetricsLog(out_dir / "metrics.jsonl", start_step,
-                         out_dir / "tensorboard" if cfg.train.tensorboard else None)
-
-    def save(step: int) -> Path:
-        return atomic_save(
-            {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": to_dict(cfg), "sampler": sampler.state_dict(), "iters_per_epoch": iters_per_epoch},
-            ckpt_dir / LAST,
-        )
+    metrics = None
+    if ctx.is_main:
+        metrics = MetricsLog(out_dir / "metrics.jsonl", start_step,
+                             out_dir / "tensorboard" if cfg.train.tensorboard else None)
+    meta = {"config": to_dict(cfg), "sampler": sampler.state_dict(), "iters_per_epoch": iters_per_epoch,
+            "engine": engine.name, "world_size": world_size}
 
     bar = None
     if cfg.train.progress and rank == 0:
@@ -185,7 +187,10 @@ def train(cfg: POAConfig, resume: bool = False, rank: int = 0, world_size: int =
             s = sched.at(step)
             apply_schedules(optimizer, s["lr"], s["wd"], s["last_layer_lr"])
             sub = sampler.sample(step)
-            terms = model.forward_backward(batch, sub, s["teacher_temp"], ibot=step >= ibot_start, autocast=autocast)
+            terms = model.forward_backward(batch, sub, s["teacher_temp"], ibot=step >= ibot_start,
+                                           backward=engine.backward, autocast=autocast)
+            # Decide on the all-reduced loss: a rank stopping alone would deadlock the others.
+            terms = all_reduce_mean(terms, device)
             if not math.isfinite(terms["loss"]):
                 bad = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                 raise NonFiniteLossError(
@@ -193,10 +198,8 @@ def train(cfg: POAConfig, resume: bool = False, rank: int = 0, world_size: int =
                     f"optimizer step and the last good checkpoint in {ckpt_dir} was left untouched. "
                     f"Lower optim.base_lr or raise optim.warmup_epochs, then resume with --resume."
                 )
-            grad_norm = clip_grad_norm(model.student.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.update_teacher(s["momentum"])
+            grad_norm = engine.clip_and_step(cfg.optim.clip_grad)
+            engine.update_teacher(s["momentum"])
 
             now = time.perf_counter()
             ips = global_batch / max(now - t_last, 1e-9)
@@ -205,20 +208,22 @@ def train(cfg: POAConfig, resume: bool = False, rank: int = 0, world_size: int =
                       "lr": s["lr"], "wd": s["wd"], "momentum": s["momentum"], "teacher_temp": s["teacher_temp"],
                       "grad_norm": grad_norm, "img_per_s": ips, "skipped_images": skipped, **terms}
             last_record = record
-            if step % cfg.train.log_every == 0 or step == end - 1:
+            if metrics is not None and (step % cfg.train.log_every == 0 or step == end - 1):
                 metrics.write(record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{s['lr']:.2e}", sub=str(sub), ips=f"{ips:.0f}")
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
-                save(step + 1)
+                engine.save(ckpt_dir, step + 1, meta)
     finally:
         if bar is not None:
             bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         close = getattr(loader, "close", None)
         if close is not None:
             close()
-    if skipped:
+    if skipped and ctx.is_main:
         log.warning("%d unreadable images were skipped and replaced during training", skipped)
-    return {"step": end, "checkpoint": str(ckpt_dir / LAST), "metrics": last_record, "skipped_images": skipped}
+    return {"step": end, "checkpoint": str(ckpt_dir / LAST), "metrics": last_record, "skipped_images": skipped,
+            "rank": rank, "world_size": world_size}

@@ -1,0 +1,245 @@
+"""Training engines: how parameters are held, gradients reduced, steps taken and state saved.
+
+The trainer talks to one interface and knows nothing of POA's losses here:
+
+* ``setup(model, make_optimizer)`` wraps/shards the model's ``student`` and
+  ``teacher`` branches and builds the optimizer over the student;
+* ``backward(loss)``, ``clip_and_step(max_norm)``, ``update_teacher(m)``;
+* ``save(ckpt_dir, step, meta)`` / ``load(ckpt_dir)`` — atomic, resumable;
+  every engine also leaves ``checkpoints/last.pt`` with the full model
+  weights, which is what ``poa extract`` reads.
+
+Engines:
+
+``none``  one process.
+``ddp``   every rank holds the whole model; after both backward passes of a step
+          the gradients are averaged with one flat all-reduce.  (Not
+          ``torch.nn.parallel.DistributedDataParallel``: a POA step runs two
+          backward passes through different sub-networks per rank, which DDP's
+          bucketed hooks would have to be told about with ``no_sync`` and
+          ``find_unused_parameters``.)
+``fsdp``  FSDP2 ``fully_shard`` per block, per head and per backbone, for the
+          student and the EMA teacher alike (the EMA then runs shard by shard,
+          with no gather); sharded checkpoints with torch.distributed.checkpoint,
+          loadable on another world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from poa_hpc.distributed.env import DistContext, barrier
+from poa_hpc.train.checkpoint import LAST, atomic_save, load_checkpoint
+from poa_hpc.train.optim import clip_grad_norm
+
+log = logging.getLogger("poa_hpc.engine")
+
+MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optimizer]
+
+
+class Engine:
+    name = "none"
+
+    def __init__(self, dist_cfg, ctx: DistContext, amp: str = "none"):
+        self.cfg = dist_cfg
+        self.ctx = ctx
+        self.amp = amp
+        self.model: Optional[nn.Module] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer) -> torch.optim.Optimizer:
+        self.model = model
+        self.optimizer = make_optimizer(model.student.named_parameters())
+        return self.optimizer
+
+
+    # ------------------------------------------------------------------ step
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def reduce_gradients(self) -> None:
+        """Make gradients the average over ranks (no-op where the engine did it in backward)."""
+
+    def clip_and_step(self, max_norm: float) -> float:
+        self.reduce_gradients()
+        norm = clip_grad_norm(self.model.student.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def update_teacher(self, momentum: float) -> None:
+        self.model.update_teacher(momentum)
+
+    # ------------------------------------------------------------------ state
+    def full_model_state(self) -> dict:
+        return self.model.state_dict()
+
+    def save(self, ckpt_dir: Path, step: int, meta: dict) -> Path:
+        """Full checkpoint (model, optimizer, meta) written by rank 0, atomically."""
+        path = Path(ckpt_dir) / LAST
+        if self.ctx.is_main:
+            atomic_save({"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         **meta}, path)
+        barrier()
+        return path
+
+    def has_checkpoint(self, ckpt_dir: Path) -> bool:
+        return (Path(ckpt_dir) / LAST).is_file()
+
+    def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None) -> dict:
+        """Restore model and optimizer; ``check(meta)`` may refuse the checkpoint before anything is loaded.
+
+        Returns the checkpoint's meta (step, config, ...)."""
+        ckpt = load_checkpoint(Path(ckpt_dir) / LAST, map_location=self.ctx.device)
+        if "optimizer" not in ckpt:
+            raise ValueError(f"'{Path(ckpt_dir) / LAST}' holds weights only (an export); it cannot be resumed from")
+        check(ckpt)
+        self.model.load_state_dict(ckpt.pop("model"))
+        self.optimizer.load_state_dict(ckpt.pop("optimizer"))
+        return ckpt
+
+
+class ReplicatedEngine(Engine):
+    """``ddp``: whole model on every rank, gradients averaged with one flat all-reduce per step."""
+
+    name = "ddp"
+
+    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer) -> torch.optim.Optimizer:
+        if self.ctx.world_size > 1:  # every rank starts from rank 0's weights
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
+        return super().setup(model, make_optimizer)
+
+    def reduce_gradients(self) -> None:
+        params = list(self.model.student.parameters())
+        world = self.ctx.world_size
+        if world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.ctx.device)
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [has])
+        dist.all_reduce(flat)
+        flat[: -len(params)] /= world
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset: offset + n].view_as(p).to(p.dtype)
+            offset += n
+        # A parameter no rank used keeps no gradient (AdamW then skips it, as in one process).
+        for p, h in zip(params, flat[offset:].tolist()):
+            if h == 0:
+                p.grad = None
+
+
+class FSDPEngine(Engine):
+    """``fsdp``: FSDP2 ``fully_shard`` over blocks, heads and backbones of student and teacher."""
+
+    name = "fsdp"
+    DCP_DIR = "last_dcp"
+
+    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer) -> torch.optim.Optimizer:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = None
+        if self.ctx.device.type == "cuda" and self.amp in ("auto", "bf16"):
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw = {"reshard_after_forward": self.cfg.reshard_after_forward}
+        if mp is not None:
+            kw["mp_policy"] = mp
+        for branch in (model.student, model.teacher):
+            bb = branch.backbone
+            bb.sync_skipped_blocks = True  # per-rank sub-networks of different depth: keep collectives aligned
+            for i, block in enumerate(bb.blocks):
+                if branch is model.student and self.cfg.activation_checkpointing:
+                    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+                    block = bb.blocks[i] = checkpoint_wrapper(block)
+                if self.cfg.compile:
+                    block.compile()
+                fully_shard(block, **kw)
+            for head in branch.heads:
+                fully_shard(head, **kw)
+            # The backbone root owns patch embed, tokens and final norm.  It reshards after forward
+            # too, so teacher and student stay sharded alike and the EMA runs shard by shard.
+            fully_shard(bb, **{**kw, "reshard_after_forward": True})
+        return super().setup(model, make_optimizer)
+
+    def full_model_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {"model": get_model_state_dict(self.model),
+                "optim": get_optimizer_state_dict(self.model.student, self.optimizer)}
+
+    def save(self, ckpt_dir: Path, step: int, meta: dict) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        ckpt_dir = Path(ckpt_dir)
+        final, tmp, old = ckpt_dir / self.DCP_DIR, ckpt_dir / (self.DCP_DIR + ".tmp"), ckpt_dir / (self.DCP_DIR + ".old")
+        if self.ctx.is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        dcp.save(self._state(), checkpoint_id=str(tmp))
+        full = self.full_model_state()  # collective: every rank takes part
+        if self.ctx.is_main:
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}))
+            # Swap directories: a crash leaves either the old or the new one (load() looks at both).
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            # Weights-only export of the full model for `poa extract`.
+            atomic_save({"step": step, "model": full, **meta}, ckpt_dir / LAST)
+        barrier()
+        return final
+
+    def _dcp_dir(self, ckpt_dir: Path) -> Optional[Path]:
+        for name in (self.DCP_DIR, self.DCP_DIR + ".old"):
+            d = Path(ckpt_dir) / name
+            if (d / "meta.json").is_file():
+                return d
+        return None
+
+    def has_checkpoint(self, ckpt_dir: Path) -> bool:
+        return self._dcp_dir(ckpt_dir) is not None
+
+    def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        d = self._dcp_dir(ckpt_dir)
+        if d is None:
+            raise ValueError(f"no sharded checkpoint (checkpoints/{self.DCP_DIR}) under '{ckpt_dir}'")
+        meta = json.loads((d / "meta.json").read_text())
+        check(meta)
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(d))
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model.student, self.optimizer, state["optim"])
+        return meta
+
+
+ENGINES = {"none": Engine, "ddp": ReplicatedEngine, "fsdp": FSDPEngine}
+
+
+def build_engine(dist_cfg, ctx: DistContext, amp: str) -> Engine:
+    if dist_cfg.engine == "none" and ctx.world_size > 1:
+        raise ValueError(f"key 'dist.engine': 'none' runs one process, but WORLD_SIZE={ctx.world_size}; "
+                         f"use dist.engine=ddp or fsdp")
+    return ENGINES[dist_cfg.engine](dist_cfg, ctx, amp)
