@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from poa_hpc.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before any launch
-    if args.nproc > 1 and "RANK" not in os.environ:
+    if (args.nproc > 1 or cfg.dist.engine != "none") and "RANK" not in os.environ:
         if cfg.dist.engine == "none":
             raise UsageError("--nproc > 1 needs a distributed engine: add dist.engine=fsdp (or ddp)")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",

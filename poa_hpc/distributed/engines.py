@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Tuple
 
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from poa_hpc.config import ConfigError
 from poa_hpc.distributed.env import DistContext, barrier
 from poa_hpc.train.checkpoint import LAST, atomic_save, load_checkpoint
 from poa_hpc.train.optim import clip_grad_norm
@@ -150,6 +152,11 @@ class FSDPEngine(Engine):
     def setup(self, model: nn.Module, make_optimizer: MakeOptimizer) -> torch.optim.Optimizer:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if not dist.is_initialized():
+            raise ConfigError("key 'dist.engine': fsdp needs a process group; launch with torchrun or `poa train --nproc N`")
+        # The backbone returns views of its last activation ([CLS] / patch tokens); POA applies only
+        # out-of-place ops to them, which is what FSDP2's warning asks for.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         mp = None
         if self.ctx.device.type == "cuda" and self.amp in ("auto", "bf16"):
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -228,11 +235,37 @@ class FSDPEngine(Engine):
             raise ValueError(f"no sharded checkpoint (checkpoints/{self.DCP_DIR}) under '{ckpt_dir}'")
         meta = json.loads((d / "meta.json").read_text())
         check(meta)
-        state = self._state()
-        dcp.load(state, checkpoint_id=str(d))
+        state = self._state()  # templates; the optimizer's is filled for every parameter
+        saved = set(dcp.FileSystemReader(str(d)).read_metadata().state_dict_metadata)
+        # Parameters that had no optimizer state when saved (never stepped yet, e.g. the mask
+        # token before iBOT starts) must have none after loading either, or AdamW's step
+        # count and bias correction would differ from the uninterrupted run.
+        fresh = {fqn for fqn in self._param_fqns() if not any(k.startswith(f"optim.state.{fqn}.") for k in saved)}
+        missing = [k for k in _flat_keys(state["model"], "model.") if k not in saved]
+        if missing:
+            raise ValueError(f"sharded checkpoint '{d}' lacks {len(missing)} entries this model needs, e.g. {missing[:3]}")
+        dcp.load(state, checkpoint_id=str(d), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model.student, self.optimizer, state["optim"])
+        for fqn, p in self._named_student_params():
+            if fqn in fresh:
+                self.optimizer.state.pop(p, None)
         return meta
+
+    def _named_student_params(self):
+        for name, p in self.model.student.named_parameters():
+            yield name.replace("_checkpoint_wrapped_module.", ""), p
+
+    def _param_fqns(self):
+        return [n for n, _ in self._named_student_params()]
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.extend(_flat_keys(v, key + ".") if isinstance(v, dict) else [key])
+    return out
 
 
 ENGINES = {"none": Engine, "ddp": ReplicatedEngine, "fsdp": FSDPEngine}
@@ -240,6 +273,6 @@ ENGINES = {"none": Engine, "ddp": ReplicatedEngine, "fsdp": FSDPEngine}
 
 def build_engine(dist_cfg, ctx: DistContext, amp: str) -> Engine:
     if dist_cfg.engine == "none" and ctx.world_size > 1:
-        raise ValueError(f"key 'dist.engine': 'none' runs one process, but WORLD_SIZE={ctx.world_size}; "
+        raise ConfigError(f"key 'dist.engine': 'none' runs one process, but WORLD_SIZE={ctx.world_size}; "
                          f"use dist.engine=ddp or fsdp")
     return ENGINES[dist_cfg.engine](dist_cfg, ctx, amp)

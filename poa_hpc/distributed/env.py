@@ -23,7 +23,7 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return dist.is_available() and dist.is_initialized()
 
 
 def init_distributed(device_kind: str = "auto", timeout_s: int = 1800) -> DistContext:
@@ -43,7 +43,8 @@ def init_distributed(device_kind: str = "auto", timeout_s: int = 1800) -> DistCo
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ  # torchrun, even with one process
+    if (world > 1 or launched) and not dist.is_initialized():
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun or `poa train --nproc N`")
