@@ -30,10 +30,11 @@ setup(
         "scikit-learn>=1.3",  # ships the digits set used by the embedded demo
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "timm>=1.0"],
+        "dev": ["pytest>=8", "pytest-timeout", "timm>=1.0", "deepspeed>=0.16"],
         "timm": ["timm>=1.0"],
         "tensorboard": ["tensorboard"],
-        "gpu": ["xformers", "nvidia-dali-cuda120", "deepspeed", "triton"],
+        "deepspeed": ["deepspeed>=0.16"],
+        "gpu": ["xformers", "nvidia-dali-cuda120", "deepspeed>=0.16", "triton"],
     },
     entry_points={"console_scripts": ["poa=poa_hpc.cli:main"]},
 )

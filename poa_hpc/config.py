@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -130,10 +130,15 @@ class TrainConfig:
 class DistConfig:
     """How the step is distributed; the launcher (torchrun, Slurm) sets the world."""
 
-    engine: str = "none"  # none (one process) | ddp (replicated, averaged grads) | fsdp (FSDP2 fully_shard)
+    engine: str = "none"  # none (one process) | ddp (replicated, averaged grads) | fsdp (FSDP2) | deepspeed
     activation_checkpointing: bool = False  # fsdp: recompute each student block in backward
     compile: bool = False  # fsdp: torch.compile each block
     reshard_after_forward: bool = True  # fsdp: free gathered block params after forward (ZeRO-3 like)
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    # deepspeed: extra DeepSpeed config merged over the one derived from this file
+    # (batch, clipping and the optimizer always come from optim.*), e.g.
+    # {zero_optimization: {stage3_prefetch_bucket_size: 5e7}}
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,7 +168,8 @@ _CHOICES = {
     "data.dataset": ("imagefolder", "filelist", "digits"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("auto", "bf16", "none"),
-    "dist.engine": ("none", "ddp", "fsdp"),
+    "dist.engine": ("none", "ddp", "fsdp", "deepspeed"),
+    "dist.zero_stage": (1, 2, 3),
 }
 
 

@@ -51,10 +51,12 @@ MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optim
 class Engine:
     name = "none"
 
-    def __init__(self, dist_cfg, ctx: DistContext, amp: str = "none"):
+    def __init__(self, dist_cfg, ctx: DistContext, amp: str = "none", clip_grad: float = 0.0, micro_batch: int = 1):
         self.cfg = dist_cfg
         self.ctx = ctx
         self.amp = amp
+        self.clip_grad = clip_grad
+        self.micro_batch = micro_batch
         self.model: Optional[nn.Module] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
@@ -260,6 +262,141 @@ class FSDPEngine(Engine):
         return [n for n, _ in self._named_student_params()]
 
 
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class DeepSpeedEngine(Engine):
+    """``deepspeed``: ZeRO stage 1, 2 or 3 (``dist.zero_stage``) for the student.
+
+    Every student branch forward runs through the DeepSpeed engine (its per-forward
+    bookkeeping is what makes two backward passes per step accumulate, and what
+    ZeRO-3's parameter gathering hangs on); the intact backward is marked as not an
+    accumulation boundary, the elastic one as the boundary.  The teacher is a plain
+    replica under ZeRO-1/2 (parameters are whole on every rank) and a second ZeRO-3
+    engine without optimizer under ZeRO-3, updated shard by shard.  Checkpoints are
+    DeepSpeed's own (one tag per step; ``latest`` moves only after a complete
+    save), plus ``last.pt`` with the full weights for ``poa extract``.  A ZeRO-3
+    teacher is saved as per-rank shards: resume it on the same world size.
+    """
+
+    name = "deepspeed"
+    DS_DIR = "deepspeed"
+
+    def _ds_config(self) -> dict:
+        base = {
+            "train_micro_batch_size_per_gpu": self.micro_batch,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.clip_grad,
+            "zero_allow_untested_optimizer": True,  # POA's AdamW with layer-decay groups
+            "zero_optimization": {"stage": int(self.cfg.zero_stage)},
+            "steps_per_print": 10**9,
+        }
+        return _merge(base, dict(self.cfg.deepspeed))
+
+    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer) -> torch.optim.Optimizer:
+        try:
+            import deepspeed
+        except ImportError:
+            raise ConfigError("key 'dist.engine': deepspeed is not installed (pip install 'poa_hpc[dev]' or deepspeed)") from None
+        if not dist.is_initialized():
+            raise ConfigError("key 'dist.engine': deepspeed needs a process group; launch with torchrun or `poa train --nproc N`")
+        self.model = model
+        self.stage = int(self.cfg.zero_stage)
+        model.student.backbone.sync_skipped_blocks = True
+        model.teacher.backbone.sync_skipped_blocks = True
+        optimizer = make_optimizer(model.student.named_parameters())
+        ds_cfg = self._ds_config()
+        self.ds, self.optimizer_wrapper, _, _ = deepspeed.initialize(model=model.student, optimizer=optimizer, config=ds_cfg)
+        self.optimizer = optimizer  # POA's schedules set lr/wd on its groups; DeepSpeed steps through it
+        model.student_call = self.ds.__call__  # a bound method: not registered as a sub-module
+        self.teacher_ds = None
+        if self.stage == 3:
+            t_cfg = {k: v for k, v in ds_cfg.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
+            self.teacher_ds, _, _, _ = deepspeed.initialize(model=model.teacher, config=t_cfg)
+            model.teacher_call = self.teacher_ds.__call__
+        self._backwards = 0
+        return optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The intact branch's backward only accumulates; the elastic one closes the step.
+        self.ds.set_gradient_accumulation_boundary(self._backwards % 2 == 1)
+        self.ds.backward(loss)
+        self._backwards += 1
+
+    def clip_and_step(self, max_norm: float) -> float:
+        self.ds.step()  # clipping by the config's gradient_clipping (= optim.clip_grad)
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def update_teacher(self, momentum: float) -> None:
+        if self.stage < 3:
+            return self.model.update_teacher(momentum)
+        # Identically shaped student and teacher are partitioned alike: EMA on the local shards.
+        t = [p.ds_tensor for p in self.model.teacher.parameters()]
+        s = [p.ds_tensor.detach() for p in self.model.student.parameters()]
+        with torch.no_grad():
+            torch._foreach_mul_(t, momentum)
+            torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+    def full_model_state(self) -> dict:
+        if self.stage < 3:
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        import deepspeed
+
+        params = list(self.model.student.parameters()) + list(self.model.teacher.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def save(self, ckpt_dir: Path, step: int, meta: dict) -> Path:
+        ckpt_dir = Path(ckpt_dir)
+        d = ckpt_dir / self.DS_DIR
+        tag = f"step{step:08d}"
+        client = {"poa_meta": {"step": step, **meta}}
+        if self.stage < 3:
+            client["teacher"] = self.model.teacher.state_dict()
+        self.ds.save_checkpoint(str(d), tag=tag, client_state=client, save_latest=False)
+        if self.stage == 3:  # client state is rank 0's only: each rank writes its teacher shard
+            shard = [p.ds_tensor.detach().cpu().clone() for p in self.model.teacher.parameters()]
+            torch.save(shard, d / tag / f"teacher_shard_rank{self.ctx.rank:05d}.pt")
+        barrier()
+        full = self.full_model_state()
+        if self.ctx.is_main:
+            latest = d / "latest"
+            tmp = d / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, latest)  # the step is complete once every rank wrote its part
+            for old in d.glob("step*"):
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+            atomic_save({"step": step, "model": full, **meta}, ckpt_dir / LAST)
+        barrier()
+        return d / tag
+
+    def has_checkpoint(self, ckpt_dir: Path) -> bool:
+        return (Path(ckpt_dir) / self.DS_DIR / "latest").is_file()
+
+    def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None) -> dict:
+        d = Path(ckpt_dir) / self.DS_DIR
+        tag = (d / "latest").read_text().strip()
+        _, client = self.ds.load_checkpoint(str(d), tag=tag)
+        if client is None:
+            raise ValueError(f"DeepSpeed checkpoint '{d / tag}' could not be loaded")
+        meta = client["poa_meta"]
+        check(meta)  # (DeepSpeed has loaded its state by now; a refused checkpoint still stops the run)
+        if self.stage < 3:
+            self.model.teacher.load_state_dict(client["teacher"])
+        else:
+            shard = torch.load(d / tag / f"teacher_shard_rank{self.ctx.rank:05d}.pt", weights_only=False)
+            with torch.no_grad():
+                for p, t in zip(self.model.teacher.parameters(), shard):
+                    p.ds_tensor.copy_(t)
+        return meta
+
+
 def _flat_keys(d: dict, prefix: str = "") -> list:
     out = []
     for k, v in d.items():
@@ -268,11 +405,11 @@ def _flat_keys(d: dict, prefix: str = "") -> list:
     return out
 
 
-ENGINES = {"none": Engine, "ddp": ReplicatedEngine, "fsdp": FSDPEngine}
+ENGINES = {"none": Engine, "ddp": ReplicatedEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}
 
 
-def build_engine(dist_cfg, ctx: DistContext, amp: str) -> Engine:
+def build_engine(dist_cfg, ctx: DistContext, amp: str, clip_grad: float = 0.0, micro_batch: int = 1) -> Engine:
     if dist_cfg.engine == "none" and ctx.world_size > 1:
         raise ConfigError(f"key 'dist.engine': 'none' runs one process, but WORLD_SIZE={ctx.world_size}; "
                          f"use dist.engine=ddp or fsdp")
-    return ENGINES[dist_cfg.engine](dist_cfg, ctx, amp)
+    return ENGINES[dist_cfg.engine](dist_cfg, ctx, amp, clip_grad, micro_batch)

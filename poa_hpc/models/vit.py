@@ -99,9 +99,12 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         if x.shape[-1] % p or x.shape[-2] % p:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
-        w = width or self.proj.out_channels
-        b = None if self.proj.bias is None else self.proj.bias[:w]
-        x = F.conv2d(x, self.proj.weight[:w], b, stride=p)
+        # The conv runs as a module call at full width and the first ``width`` channels are kept
+        # (the authors' code does the same): wrappers that gather a module's parameters in its
+        # pre-forward hook (ZeRO-3) see the weight whole; the conv is a small share of the FLOPs.
+        x = self.proj(x)
+        if width is not None and width < x.shape[1]:
+            x = x[:, :width]
         return x.flatten(2).transpose(1, 2)  # (B, N, w)
 
 

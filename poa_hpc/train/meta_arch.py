@@ -123,6 +123,9 @@ class POA(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.space = SubnetSpace.from_model_config(cfg.model)
+        # Engines that must see every branch forward (DeepSpeed) put their wrappers here.
+        self.student_call: Optional[Callable[..., Dict[str, object]]] = None
+        self.teacher_call: Optional[Callable[..., Dict[str, object]]] = None
 
     @property
     def intact(self) -> Subnet:
@@ -132,7 +135,7 @@ class POA(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, inp: StepInputs, teacher_temp: float, ibot: bool) -> List[Dict[str, torch.Tensor]]:
         lc = self.cfg.loss
-        out = self.teacher(inp.global_crops, mask_indices=inp.mask_indices if ibot else None)
+        out = (self.teacher_call or self.teacher)(inp.global_crops, mask_indices=inp.mask_indices if ibot else None)
         targets = []
         for lg in out["logits"]:
             target = {"cls": sinkhorn_knopp(lg["global"], teacher_temp, lc.sinkhorn_iters)}
@@ -144,8 +147,8 @@ class POA(nn.Module):
     # ---------------------------------------------------------------- students
     def student_outputs(self, inp: StepInputs, sub: Subnet, ibot: bool) -> Dict[str, object]:
         """Backbone [CLS] features and per-head logits of the student at ``sub``."""
-        return self.student(inp.global_crops, inp.local_crops, inp.masks if ibot else None,
-                            inp.mask_indices if ibot else None, sub.width, sub.depth)
+        return (self.student_call or self.student)(inp.global_crops, inp.local_crops, inp.masks if ibot else None,
+                                                   inp.mask_indices if ibot else None, sub.width, sub.depth)
 
     def _branch_loss(self, out: Dict[str, object], targets, inp: StepInputs, ibot: bool,
                      intact_logits: Optional[list] = None) -> Dict[str, torch.Tensor]:

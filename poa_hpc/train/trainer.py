@@ -138,7 +138,7 @@ def _train(cfg: POAConfig, resume: bool, ctx) -> Dict[str, object]:
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
 
     model = build_model(cfg).to(device)
-    engine = build_engine(cfg.dist, ctx, cfg.train.amp)
+    engine = build_engine(cfg.dist, ctx, cfg.train.amp, cfg.optim.clip_grad, cfg.optim.batch_size)
     optimizer = engine.setup(model, lambda named: build_optimizer(named, cfg, num_layers=cfg.model.depth))
     start_step = 0
     if resume:
