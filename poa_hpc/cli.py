@@ -209,6 +209,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "engines":
+        from poa_hpc.bench.engines import run
+
+        return run(args.args)
+    raise UsageError(f"unknown benchmark {args.what!r}")
+
+
 # ------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="poa", description="POA: pre-train once, extract models of all sizes.")
@@ -245,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("overrides", nargs="*")
     s.set_defaults(func=cmd_subnets)
+
+    b = sub.add_parser("bench", help="benchmarks that print a table and write JSON under benchmarks/results/")
+    b.add_argument("what", choices=("engines",), help="engines: POA step img/s and peak memory per engine")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see poa bench engines -h)")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="train the embedded CPU demo, extract 3 sub-networks, k-NN them")
     d.add_argument("--output-dir", help="default: runs/demo")
