@@ -71,10 +71,10 @@ def single(tmp_path_factory):
     return out, train(out, 1, "none", "model.elastic.rank_sampling=shared")
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
-def test_two_processes_match_one(single, tmp_path, engine):
+@pytest.mark.parametrize("engine,extra", [("fsdp", ()), ("ddp", ()), ("fsdp", ("dist.activation_checkpointing=true",))])
+def test_two_processes_match_one(single, tmp_path, engine, extra):
     ref_dir, ref = single
-    got = train(tmp_path / engine, 2, engine, "model.elastic.rank_sampling=shared")
+    got = train(tmp_path / engine, 2, engine, "model.elastic.rank_sampling=shared", *extra)
     assert_same_run(ref, got)
     assert_same_weights(ref_dir, tmp_path / engine)  # student and EMA teacher
 
