@@ -183,14 +183,14 @@ def _train(cfg: POAConfig, resume: bool, ctx) -> Dict[str, object]:
             torch.manual_seed(step_seed(cfg.train.seed, rank, step))
             batch = next(it)
             assert int(batch.get("step", step)) == step, f"loader out of step: batch {batch.get('step')} at step {step}"
-            skipped += int(batch.get("n_skipped", 0))
             s = sched.at(step)
             apply_schedules(optimizer, s["lr"], s["wd"], s["last_layer_lr"])
             sub = sampler.sample(step)
             terms = model.forward_backward(batch, sub, s["teacher_temp"], ibot=step >= ibot_start,
                                            backward=engine.backward, autocast=autocast)
             # Decide on the all-reduced loss: a rank stopping alone would deadlock the others.
-            terms = all_reduce_mean(terms, device)
+            terms = all_reduce_mean({**terms, "n_skipped": float(batch.get("n_skipped", 0))}, device)
+            skipped += int(round(terms.pop("n_skipped") * world_size))
             if not math.isfinite(terms["loss"]):
                 bad = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                 raise NonFiniteLossError(
