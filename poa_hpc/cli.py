@@ -169,8 +169,6 @@ def cmd_subnets(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
     from poa_hpc.eval.evaluate import format_table, knn_evaluate
     from poa_hpc.models.extract import load_subnet
     from poa_hpc.models.subnets import Subnet, SubnetSpace

@@ -8,7 +8,7 @@ import torch
 
 from poa_hpc.cli import main
 from poa_hpc.config import load_config
-from poa_hpc.models.extract import extract_state_dict, load_subnet, save_subnet, timm_kwargs, to_timm_state_dict
+from poa_hpc.models.extract import extract_state_dict, load_subnet, timm_kwargs, to_timm_state_dict
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.models.vit import build_vit, count_params, vit_gflops, ViTArch
 from poa_hpc.train.checkpoint import atomic_save

@@ -36,7 +36,7 @@ def reference_forward(m: ElasticViT, x: torch.Tensor, w: int, d: int) -> torch.T
     t = torch.cat([sd["cls_token"][:, :, :w].expand(B, 1, w), t], 1) + sd["pos_embed"][:, :, :w]
     ids = [math.floor(i * (L - 1) / (d - 1)) for i in range(d)] if d > 1 else [0]
     for i in ids:
-        p = lambda k: sd[f"blocks.{i}.{k}"]  # noqa: E731
+        p = {k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}.__getitem__
         y = F.layer_norm(t, (w,), p("norm1.weight")[:w], p("norm1.bias")[:w], 1e-6)
         Wqkv, bqkv = p("attn.qkv.weight"), p("attn.qkv.bias")
         q = (a * y) @ Wqkv[0:w, :w].T + bqkv[0:w]

@@ -27,7 +27,6 @@ Engines:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import warnings
@@ -42,8 +41,6 @@ from poa_hpc.config import ConfigError
 from poa_hpc.distributed.env import DistContext, barrier
 from poa_hpc.train.checkpoint import LAST, atomic_save, load_checkpoint
 from poa_hpc.train.optim import clip_grad_norm
-
-log = logging.getLogger("poa_hpc.engine")
 
 MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 
@@ -65,7 +62,6 @@ class Engine:
         self.model = model
         self.optimizer = make_optimizer(model.student.named_parameters())
         return self.optimizer
-
 
     # ------------------------------------------------------------------ step
     def backward(self, loss: torch.Tensor) -> None:

@@ -45,7 +45,8 @@ def extract_state_dict(model: ElasticViT, width: int, depth: int) -> Tuple[ViTAr
     }
     for new, old in enumerate(block_ids(model.depth, depth)):
         src, dst = f"blocks.{old}.", f"blocks.{new}."
-        g = lambda k: sd[src + k]  # noqa: E731
+        b = {k[len(src):]: v for k, v in sd.items() if k.startswith(src)}
+        g = b.__getitem__
         blk = {
             "norm1.weight": g("norm1.weight")[:width],
             "norm1.bias": g("norm1.bias")[:width],
@@ -61,7 +62,7 @@ def extract_state_dict(model: ElasticViT, width: int, depth: int) -> Tuple[ViTAr
             "mlp.fc2.bias": g("mlp.fc2.bias")[:width],
             "ls2.gamma": g("ls2.gamma")[:width],
         }
-        if src + "attn.qkv.bias" in sd:
+        if "attn.qkv.bias" in b:
             blk["attn.qkv.bias"] = slice_rows(g("attn.qkv.bias"), width, 3)
         out.update({dst + k: v for k, v in blk.items()})
     return sub, {k: v.detach().clone().contiguous() for k, v in out.items()}
