@@ -46,7 +46,7 @@ class ModelConfig:
     layerscale_init: float = 1e-5
     drop_path_rate: float = 0.2
     elastic_linear: str = "torch"  # seam for the sliced projection: torch (auto|triton later)
-    attention: str = "sdpa"  # sdpa | math
+    attention: str = "sdpa"  # sdpa (torch picks flash/efficient/cuDNN) | xformers | math (reference)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
 
@@ -163,7 +163,7 @@ class POAConfig:
 _CHOICES = {
     "model.arch": ("vit",),
     "model.elastic_linear": ("torch", "auto"),
-    "model.attention": ("sdpa", "math"),
+    "model.attention": ("sdpa", "xformers", "math"),
     "model.elastic.rank_sampling": ("per_rank", "shared"),
     "data.dataset": ("imagefolder", "filelist", "digits"),
     "train.device": ("auto", "cpu", "cuda"),

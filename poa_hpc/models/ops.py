@@ -7,6 +7,7 @@ xFormers for attention) plug in here without touching the model.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -15,7 +16,25 @@ import torch.nn.functional as F
 from poa_hpc.kernels.sliced_linear import sliced_linear
 
 ELASTIC_LINEAR_BACKENDS = ("torch", "auto")
-ATTENTION_BACKENDS = ("sdpa", "math")
+ATTENTION_BACKENDS = ("sdpa", "math", "xformers")
+
+log = logging.getLogger("poa_hpc.ops")
+_fallback_said = set()
+
+
+def _xformers_attention():
+    """xformers' memory_efficient_attention, or None where it cannot run."""
+    try:
+        from xformers.ops import memory_efficient_attention
+    except Exception:  # not installed, or built for another torch/CUDA
+        return None
+    return memory_efficient_attention
+
+
+def _say_once(reason: str) -> None:
+    if reason not in _fallback_said:
+        _fallback_said.add(reason)
+        log.warning("model.attention=xformers: %s; using torch SDPA instead", reason)
 
 
 def elastic_linear(
@@ -42,7 +61,25 @@ def elastic_linear(
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    """Softmax attention over (B, H, N, d) tensors with scale d**-0.5."""
+    """Softmax attention over (B, H, N, d) tensors with scale d**-0.5.
+
+    ``xformers``: memory-efficient attention (CUDA only; where it is missing or the
+    tensors are on the CPU, one log line says so and SDPA runs instead).
+    ``sdpa``: torch's scaled_dot_product_attention, which picks flash / efficient /
+    cuDNN kernels itself.  ``math``: the plain reference.  An elastic width just
+    means fewer heads H; every backend takes any H.
+    """
+    if backend == "xformers":
+        if not q.is_cuda:
+            _say_once("tensors are on the CPU, where xformers has no kernel")
+            backend = "sdpa"
+        else:
+            mea = _xformers_attention()
+            if mea is None:
+                _say_once("xformers is not installed or does not load")
+                backend = "sdpa"
+            else:  # xformers wants (B, N, H, d)
+                return mea(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "math":
