@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before any launch
     if (args.nproc > 1 or cfg.dist.engine != "none") and "RANK" not in os.environ:
         if cfg.dist.engine == "none":
-            raise UsageError("--nproc > 1 needs a distributed engine: add dist.engine=fsdp (or ddp)")
+            raise UsageError("--nproc > 1 needs a distributed engine: add dist.engine=fsdp (or deepspeed, ddp)")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "poa_hpc", "train", "--config", args.config, *(["--resume"] if args.resume else []),
                *args.overrides]
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
     t.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/checkpoints")
     t.add_argument("--nproc", type=int, default=1,
-                   help="processes on this machine (launches torchrun; needs dist.engine=fsdp or ddp)")
+                   help="processes on this machine (launches torchrun; needs dist.engine=fsdp, deepspeed or ddp)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3")
     t.set_defaults(func=cmd_train)
 
