@@ -45,7 +45,10 @@ class ModelConfig:
     qkv_bias: bool = True
     layerscale_init: float = 1e-5
     drop_path_rate: float = 0.2
-    elastic_linear: str = "torch"  # seam for the sliced projection: torch (auto|triton later)
+    # Sliced projection: torch (slice + matmul) | triton (kernels reading the weight in place)
+    # | auto (Triton on CUDA, torch elsewhere).  torch stays the default until the Triton
+    # kernels have been measured on a GPU.
+    elastic_linear: str = "torch"
     attention: str = "sdpa"  # sdpa (torch picks flash/efficient/cuDNN) | xformers | math (reference)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
@@ -162,7 +165,7 @@ class POAConfig:
 
 _CHOICES = {
     "model.arch": ("vit",),
-    "model.elastic_linear": ("torch", "auto"),
+    "model.elastic_linear": ("torch", "triton", "auto"),
     "model.attention": ("sdpa", "xformers", "math"),
     "model.elastic.rank_sampling": ("per_rank", "shared"),
     "data.dataset": ("imagefolder", "filelist", "digits"),

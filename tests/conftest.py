@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# Without a GPU, Triton kernels run under Triton's interpreter; the switch is read when
+# a kernel is defined, so it is set before anything imports them.
+if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests run from the repository root (configs/ paths are relative to it).
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from poa_hpc.kernels.sliced_linear import sliced_linear
 
-ELASTIC_LINEAR_BACKENDS = ("torch", "auto")
+ELASTIC_LINEAR_BACKENDS = ("torch", "triton", "auto")
 ATTENTION_BACKENDS = ("sdpa", "math", "xformers")
 
 log = logging.getLogger("poa_hpc.ops")
@@ -47,6 +47,11 @@ def elastic_linear(
 ) -> torch.Tensor:
     """y = F.linear(x * alpha, W[rows, :in], b[rows]) with alpha = max_in / in.
 
+    ``backend``: ``torch`` (slice + matmul), ``triton`` (the kernels in
+    ``poa_hpc.kernels.sliced_linear_triton``, reading the weight in place), or
+    ``auto`` (Triton for CUDA tensors, torch elsewhere).  At full width every
+    backend is a plain ``F.linear``.
+
     The input width ``in`` is the last dimension of ``x``; ``rows`` are the
     leading ``out_features`` rows of each of ``groups`` row blocks of ``weight``
     (spec §0: the scale multiplies the input; the bias is not scaled).
@@ -57,7 +62,21 @@ def elastic_linear(
         return F.linear(x, weight, bias)
     if backend not in ELASTIC_LINEAR_BACKENDS:
         raise ValueError(f"model.elastic_linear: unknown backend {backend!r}, expected one of {ELASTIC_LINEAR_BACKENDS}")
-    return sliced_linear(x, weight, bias, out_features, in_features, alpha=max_in / in_features, groups=groups)
+    alpha = max_in / in_features
+    if backend == "triton" or (backend == "auto" and x.is_cuda and _triton_kernel() is not None):
+        kernel = _triton_kernel()
+        if kernel is None:
+            raise RuntimeError("model.elastic_linear=triton but triton is not installed")
+        return kernel(x, weight, bias, out_features, in_features, alpha=alpha, groups=groups)
+    return sliced_linear(x, weight, bias, out_features, in_features, alpha=alpha, groups=groups)
+
+
+def _triton_kernel():
+    try:
+        from poa_hpc.kernels.sliced_linear_triton import sliced_linear_triton
+    except ImportError:
+        return None
+    return sliced_linear_triton
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
