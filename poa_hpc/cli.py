@@ -213,6 +213,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from poa_hpc.bench.engines import run
 
         return run(args.args)
+    if args.what == "kernels":
+        from poa_hpc.bench.kernels import bench_kernels
+
+        return bench_kernels(args.args)
+    if args.what == "attention":
+        from poa_hpc.bench.kernels import bench_attention
+
+        return bench_attention(args.args)
     raise UsageError(f"unknown benchmark {args.what!r}")
 
 
@@ -254,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_subnets)
 
     b = sub.add_parser("bench", help="benchmarks that print a table and write JSON under benchmarks/results/")
-    b.add_argument("what", choices=("engines",), help="engines: POA step img/s and peak memory per engine")
+    b.add_argument("what", choices=("engines", "kernels", "attention"),
+                   help="engines: POA step img/s and peak memory per engine; kernels: sliced projection "
+                        "fwd+bwd (torch, Triton, dense); attention: fwd+bwd TFLOP/s per backend")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see poa bench engines -h)")
     b.set_defaults(func=cmd_bench)
 

@@ -57,11 +57,13 @@ def _commit() -> str:
 def _versions() -> Dict[str, str]:
     import torch
 
+    from importlib import metadata
+
     v = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("deepspeed", "triton", "xformers"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except Exception:
+    for dist_name in ("deepspeed", "triton", "xformers", "timm"):
+        try:  # the installed version, without importing (DeepSpeed prints at import)
+            v[dist_name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
             pass
     return v
 
