@@ -1,3 +1,4 @@
+# ruff: noqa: B023  -- the timed closures run inside the loop iteration that builds them
 """Microbenchmarks of the two seams: the sliced projection and attention.
 
     poa bench kernels     # sliced projection fwd+bwd at ViT-L elastic shapes: torch, Triton, dense cuBLAS
