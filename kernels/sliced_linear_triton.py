@@ -112,11 +112,24 @@ def _dw_kernel(dy_ptr, x_ptr, gw_ptr, M, N, K, out_per_group, max_out, alpha,
              mask=(rn[:, None] < N) & (rk[None, :] < K))
 
 
-def _blocks(dtype: torch.dtype):
-    # Interpreter: small tiles keep the Python-level loop short.  CUDA: tensor-core tiles.
-    if INTERPRET:
-        return 16, 64, 64
-    return (64, 128, 32) if dtype in (torch.bfloat16, torch.float16) else (32, 64, 32)
+def _configs():
+    """Autotuning space on CUDA (tensor-core tiles for bf16/fp16, fp32 accumulation)."""
+    out = []
+    for bm, bn, bk, warps, stages in ((128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                                      (64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return out
+
+
+if INTERPRET:
+    # Interpreter: one fixed, fairly large tile keeps the Python-level loops short.
+    _FIXED = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
+    _fwd, _dx, _dw = _fwd_kernel, _dx_kernel, _dw_kernel
+else:
+    _FIXED = {}
+    _fwd = triton.autotune(configs=_configs(), key=["M", "N", "K"])(_fwd_kernel)
+    _dx = triton.autotune(configs=_configs(), key=["M", "N", "K"])(_dx_kernel)
+    _dw = triton.autotune(configs=_configs(), key=["M", "N", "K"], reset_to_zero=["gw_ptr"])(_dw_kernel)
 
 
 def _ieee(dtype: torch.dtype) -> bool:
@@ -135,12 +148,11 @@ class _SlicedLinear(torch.autograd.Function):
         M, N = x2.shape[0], groups * out_features
         max_out = weight.shape[0] // groups
         y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-        BM, BN, BK = _blocks(x.dtype)
-        grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-        _fwd_kernel[grid](x2, weight, bias if bias is not None else weight, y, M, N, K, out_features, max_out,
-                          float(alpha), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
-                          y.stride(0), y.stride(1), HAS_BIAS=bias is not None, IEEE=_ieee(x.dtype), ACC64=x.dtype == torch.float64,
-                          BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        _fwd[grid](x2, weight, bias if bias is not None else weight, y, M, N, K, out_features, max_out,
+                   float(alpha), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+                   y.stride(0), y.stride(1), HAS_BIAS=bias is not None, IEEE=_ieee(x.dtype),
+                   ACC64=x.dtype == torch.float64, **_FIXED)
         ctx.save_for_backward(x2, weight)
         ctx.meta = (x.shape, out_features, alpha, groups, bias is not None)
         return y.view(*x.shape[:-1], N)
@@ -153,22 +165,21 @@ class _SlicedLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         M, N = dy2.shape
         max_out = weight.shape[0] // groups
-        BM, BN, BK = _blocks(dy.dtype)
         ieee, acc64 = _ieee(dy.dtype), dy.dtype == torch.float64
         dx = gw = gb = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty(M, K, device=dy.device, dtype=x2.dtype)
-            _dx_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](
+            _dx[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))](
                 dy2, weight, dx, M, N, K, out_features, max_out, float(alpha),
                 dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
-                IEEE=ieee, ACC64=acc64, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+                IEEE=ieee, ACC64=acc64, **_FIXED)
             dx = dx.view(x_shape)
         if ctx.needs_input_grad[1]:
             gw = torch.zeros_like(weight)
-            _dw_kernel[(triton.cdiv(N, BN), triton.cdiv(K, BK))](
+            _dw[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))](
                 dy2, x2, gw, M, N, K, out_features, max_out, float(alpha),
                 dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), gw.stride(0), gw.stride(1),
-                IEEE=ieee, ACC64=acc64, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+                IEEE=ieee, ACC64=acc64, **_FIXED)
         if has_bias and ctx.needs_input_grad[2]:
             gb = torch.zeros(weight.shape[0], device=dy.device, dtype=dy.dtype)
             gb[_row_index(out_features, groups, max_out, dy.device)] = dy2.sum(0)

@@ -92,3 +92,24 @@ def test_bad_shapes_are_clear_errors():
         sliced_linear_triton(torch.randn(2, 6, dtype=torch.float64, device=DEV), W, None, 4, 8)
     with pytest.raises(ValueError, match="cannot take"):
         sliced_linear_triton(torch.randn(2, 8, dtype=torch.float64, device=DEV), W, None, 5, 8, groups=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width,groups,max_out", [(384, 3, 1024), (704, 1, 4096), (1024, 3, 1024)])
+def test_autotuned_half_precision_on_gpu(dtype, width, groups, max_out):
+    """bf16/fp16 kernels (autotuned tiles, fp32 accumulation) against the fp32 torch reference."""
+    g = torch.Generator(device="cuda").manual_seed(width)
+    x = torch.randn(50 * 197, width, device="cuda", generator=g).to(dtype).requires_grad_()
+    W = (torch.randn(groups * max_out, 1024, device="cuda", generator=g) * 0.02).to(dtype).requires_grad_()
+    b = torch.randn(groups * max_out, device="cuda", generator=g).to(dtype).requires_grad_()
+    alpha = 1024 / width
+    y = sliced_linear_triton(x, W, b, width, width, alpha, groups)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, W, b), dy)
+    ref_args = [t.detach().float().requires_grad_() for t in (x, W, b)]
+    ref_y = sliced_linear(*ref_args, width, width, alpha, groups)
+    ref = torch.autograd.grad(ref_y, ref_args, dy.float())
+    torch.testing.assert_close(y.float(), ref_y, rtol=2e-2, atol=2e-2)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a.float(), r, rtol=2e-2, atol=5e-2 * r.abs().max().item())
