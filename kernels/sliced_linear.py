@@ -29,6 +29,18 @@ def slice_rows(t: torch.Tensor, out_features: int, groups: int) -> torch.Tensor:
     return torch.cat([t[g * block : g * block + out_features] for g in range(groups)], dim=0)
 
 
+def check_slice(name: str, x: torch.Tensor, weight: torch.Tensor, out_features: int, in_features: int,
+                groups: int) -> None:
+    """The contract every sliced-projection implementation checks: a clear error, not a kernel fault."""
+    max_out = weight.shape[0] // groups
+    if weight.shape[0] % groups or not (0 < out_features <= max_out) or not (0 < in_features <= weight.shape[1]):
+        raise ValueError(
+            f"{name}: cannot take {groups}x{out_features} rows x {in_features} cols of a weight of shape {tuple(weight.shape)}"
+        )
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{name}: input has {x.shape[-1]} features, expected {in_features}")
+
+
 def sliced_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -52,13 +64,7 @@ def sliced_linear(
     Returns:
         (..., groups * out_features)
     """
-    max_out = weight.shape[0] // groups
-    if weight.shape[0] % groups or not (0 < out_features <= max_out) or not (0 < in_features <= weight.shape[1]):
-        raise ValueError(
-            f"sliced_linear: cannot take {groups}x{out_features} rows x {in_features} cols of a weight of shape {tuple(weight.shape)}"
-        )
-    if x.shape[-1] != in_features:
-        raise ValueError(f"sliced_linear: input has {x.shape[-1]} features, expected {in_features}")
+    check_slice("sliced_linear", x, weight, out_features, in_features, groups)
     w = slice_rows(weight, out_features, groups)[:, :in_features]
     b = None if bias is None else slice_rows(bias, out_features, groups)
     if alpha != 1.0:

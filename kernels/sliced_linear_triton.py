@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from poa_hpc.kernels.sliced_linear import check_slice
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -196,11 +198,7 @@ def sliced_linear_triton(
     groups: int = 1,
 ) -> torch.Tensor:
     """Same contract as :func:`poa_hpc.kernels.sliced_linear.sliced_linear`, computed by Triton kernels."""
-    if x.shape[-1] != in_features:
-        raise ValueError(f"sliced_linear_triton: input has {x.shape[-1]} features, expected {in_features}")
-    if weight.shape[0] % groups or not (0 < out_features <= weight.shape[0] // groups) or in_features > weight.shape[1]:
-        raise ValueError(f"sliced_linear_triton: cannot take {groups}x{out_features} rows x {in_features} cols "
-                         f"of a weight of shape {tuple(weight.shape)}")
+    check_slice("sliced_linear_triton", x, weight, out_features, in_features, groups)
     if not (x.is_cuda or INTERPRET):
         raise RuntimeError("sliced_linear_triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     return _SlicedLinear.apply(x, weight, bias, out_features, alpha, groups)
