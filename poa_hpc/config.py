@@ -250,6 +250,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     return validate(cfg)
 
 
+def flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
+    """Nested dicts as one level with dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def to_dict(cfg: POAConfig) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from poa_hpc.config import ConfigError
+from poa_hpc.config import ConfigError, flatten
 from poa_hpc.distributed.env import DistContext, barrier
 from poa_hpc.train.checkpoint import LAST, atomic_save, load_checkpoint
 from poa_hpc.train.optim import clip_grad_norm
@@ -239,7 +239,7 @@ class FSDPEngine(Engine):
         # token before iBOT starts) must have none after loading either, or AdamW's step
         # count and bias correction would differ from the uninterrupted run.
         fresh = {fqn for fqn in self._param_fqns() if not any(k.startswith(f"optim.state.{fqn}.") for k in saved)}
-        missing = [k for k in _flat_keys(state["model"], "model.") if k not in saved]
+        missing = [k for k in flatten(state["model"], "model.") if k not in saved]
         if missing:
             raise ValueError(f"sharded checkpoint '{d}' lacks {len(missing)} entries this model needs, e.g. {missing[:3]}")
         dcp.load(state, checkpoint_id=str(d), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
@@ -391,14 +391,6 @@ class DeepSpeedEngine(Engine):
                 for p, t in zip(self.model.teacher.parameters(), shard):
                     p.ds_tensor.copy_(t)
         return meta
-
-
-def _flat_keys(d: dict, prefix: str = "") -> list:
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.extend(_flat_keys(v, key + ".") if isinstance(v, dict) else [key])
-    return out
 
 
 ENGINES = {"none": Engine, "ddp": ReplicatedEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}

@@ -7,6 +7,7 @@ xFormers for attention) plug in here without touching the model.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -22,6 +23,7 @@ log = logging.getLogger("poa_hpc.ops")
 _fallback_said = set()
 
 
+@functools.lru_cache(maxsize=None)
 def _xformers_attention():
     """xformers' memory_efficient_attention, or None where it cannot run."""
     try:
@@ -63,14 +65,15 @@ def elastic_linear(
     if backend not in ELASTIC_LINEAR_BACKENDS:
         raise ValueError(f"model.elastic_linear: unknown backend {backend!r}, expected one of {ELASTIC_LINEAR_BACKENDS}")
     alpha = max_in / in_features
-    if backend == "triton" or (backend == "auto" and x.is_cuda and _triton_kernel() is not None):
-        kernel = _triton_kernel()
-        if kernel is None:
-            raise RuntimeError("model.elastic_linear=triton but triton is not installed")
+    kernel = _triton_kernel() if backend == "triton" or (backend == "auto" and x.is_cuda) else None
+    if kernel is not None:
         return kernel(x, weight, bias, out_features, in_features, alpha=alpha, groups=groups)
+    if backend == "triton":
+        raise RuntimeError("model.elastic_linear=triton but triton is not installed")
     return sliced_linear(x, weight, bias, out_features, in_features, alpha=alpha, groups=groups)
 
 
+@functools.lru_cache(maxsize=None)  # looked up once, not on every projection call
 def _triton_kernel():
     try:
         from poa_hpc.kernels.sliced_linear_triton import sliced_linear_triton

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -50,8 +50,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"'{path}' is not a poa_hpc training checkpoint (expected keys 'model' and 'config')")
     return ckpt
-
-
-def find_last(output_dir: str | Path) -> Optional[Path]:
-    p = Path(output_dir) / "checkpoints" / LAST
-    return p if p.is_file() else None

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-from poa_hpc.config import POAConfig, to_dict, to_yaml
+from poa_hpc.config import POAConfig, flatten, to_dict, to_yaml
 from poa_hpc.data.loader import build_train_loader
 from poa_hpc.distributed.engines import build_engine
 from poa_hpc.distributed.env import all_reduce_mean, init_distributed, shutdown
@@ -41,22 +41,12 @@ class ResumeError(ValueError):
     """The checkpoint to resume from does not belong to this configuration."""
 
 
-def _flat(d: dict, prefix: str = "") -> Dict[str, object]:
-    out: Dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 # Keys that must not change across a resume: they define the parameters or the sampled sequence.
 _RESUME_FIXED = ("model.", "head.", "train.seed")
 
 
 def check_resumable(saved_cfg: dict, cfg: POAConfig, path: Path) -> None:
-    saved, now = _flat(saved_cfg), _flat(to_dict(cfg))
+    saved, now = flatten(saved_cfg), flatten(to_dict(cfg))
     changed = [k for k in now if k.startswith(_RESUME_FIXED) and saved.get(k) != now[k]]
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:5])
