@@ -30,11 +30,13 @@ setup(
         "scikit-learn>=1.3",  # ships the digits set used by the embedded demo
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "timm>=1.0", "deepspeed>=0.16"],
+        # DALI's wheel carries its CPU backend too, so the DALI tests run without a GPU.
+        "dev": ["pytest>=8", "pytest-timeout", "timm>=1.0", "deepspeed>=0.16", "nvidia-dali-cuda120>=1.40"],
         "timm": ["timm>=1.0"],
+        "dali": ["nvidia-dali-cuda120>=1.40"],
         "tensorboard": ["tensorboard"],
         "deepspeed": ["deepspeed>=0.16"],
-        "gpu": ["xformers", "nvidia-dali-cuda120", "deepspeed>=0.16", "triton"],
+        "gpu": ["xformers", "nvidia-dali-cuda120>=1.40", "deepspeed>=0.16", "triton"],
     },
     entry_points={"console_scripts": ["poa=poa_hpc.cli:main"]},
 )

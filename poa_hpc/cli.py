@@ -221,6 +221,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from poa_hpc.bench.kernels import bench_attention
 
         return bench_attention(args.args)
+    if args.what == "data":
+        from poa_hpc.bench.data import run as bench_data
+
+        return bench_data(args.args)
     raise UsageError(f"unknown benchmark {args.what!r}")
 
 
@@ -262,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_subnets)
 
     b = sub.add_parser("bench", help="benchmarks that print a table and write JSON under benchmarks/results/")
-    b.add_argument("what", choices=("engines", "kernels", "attention"),
+    b.add_argument("what", choices=("engines", "kernels", "attention", "data"),
                    help="engines: POA step img/s and peak memory per engine; kernels: sliced projection "
-                        "fwd+bwd (torch, Triton, dense); attention: fwd+bwd TFLOP/s per backend")
+                        "fwd+bwd (torch, Triton, dense); attention: fwd+bwd TFLOP/s per backend; data: "
+                        "multi-crop loader img/s (torchvision, DALI CPU, DALI GPU)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see poa bench engines -h)")
     b.set_defaults(func=cmd_bench)
 

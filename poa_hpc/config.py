@@ -90,6 +90,9 @@ class DataConfig:
     global_scale_max: float = 1.0
     local_scale_min: float = 0.05
     local_scale_max: float = 0.32
+    # torch: torchvision/PIL in DataLoader workers | dali: nvJPEG decode + augmentations on
+    # the GPU | dali_cpu: the same DALI graph on the CPU.  num_workers = DALI's CPU threads.
+    loader: str = "torch"
     num_workers: int = 8
     digits_size: int = 32  # side length the 8x8 digits are upscaled to
 
@@ -169,6 +172,7 @@ _CHOICES = {
     "model.attention": ("sdpa", "xformers", "math"),
     "model.elastic.rank_sampling": ("per_rank", "shared"),
     "data.dataset": ("imagefolder", "filelist", "digits"),
+    "data.loader": ("torch", "dali", "dali_cpu"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("auto", "bf16", "none"),
     "dist.engine": ("none", "ddp", "fsdp", "deepspeed"),

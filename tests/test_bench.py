@@ -24,3 +24,26 @@ def test_bench_attention_writes_json(tmp_path, capsys):
 def test_bench_kernels_needs_a_gpu(capsys):
     assert main(["bench", "kernels"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_bench_data_generates_jpegs_and_writes_json(tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    from PIL import Image
+
+    cache = tmp_path / "cache"
+    assert main(["bench", "data", "--images", "12", "--batch", "4", "--steps", "1", "--warmup", "1",
+                 "--n-local", "2", "--workers", "1", "--loaders", "torch", "dali_cpu", "--cache", str(cache),
+                 "--out", str(tmp_path)]) == 0
+    jpegs = sorted((cache / "bench_jpegs_12").rglob("*.jpg"))
+    assert len(jpegs) == 12
+    with Image.open(jpegs[0]) as im:  # ImageNet-like: ~500x375 (+-40 px) baseline JPEGs of ~110 KB
+        assert im.format == "JPEG" and 460 <= im.width <= 540 and 335 <= im.height <= 415
+    mean_kb = sum(p.stat().st_size for p in jpegs) / len(jpegs) / 1024
+    assert 80 < mean_kb < 140
+    (path,) = tmp_path.glob("data_*.json")
+    result = json.loads(path.read_text())
+    assert {"device", "versions", "commit", "rows", "cpu_cores"} <= result.keys()
+    assert [r["loader"] for r in result["rows"]] == ["torch", "dali_cpu"]
+    assert all(r["img_per_s"] > 0 and r["workers"] == 1 for r in result["rows"])
+    assert result["rows"][0]["speedup_vs_torch"] == 1.0
+    assert "dali_cpu" in capsys.readouterr().out

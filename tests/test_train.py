@@ -143,11 +143,14 @@ def test_atomic_save_never_leaves_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_training_on_an_image_folder_with_bad_files(tmp_path):
-    """Real JPEGs in ImageNet layout, two of them broken: skipped, counted, training goes on."""
+@pytest.mark.parametrize("loader", ["torch", "dali_cpu"])
+def test_training_on_an_image_folder_with_bad_files(tmp_path, caplog, loader):
+    """Real JPEGs in ImageNet layout, two of them broken: skipped, counted, reported, training goes on."""
     from PIL import Image
     import numpy as np
 
+    if loader != "torch":
+        pytest.importorskip("nvidia.dali")
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         d = tmp_path / "data" / "train" / c
@@ -159,11 +162,14 @@ def test_training_on_an_image_folder_with_bad_files(tmp_path):
     (tmp_path / "data" / "train" / "b" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     cfg = load_config("configs/demo_cpu.yaml", TINY + [
         "data.dataset=imagefolder", f"data.root={tmp_path / 'data'}", "optim.iters_per_epoch=0",
-        "optim.batch_size=8", "optim.epochs=1", f"train.output_dir={tmp_path / 'run'}", "data.num_workers=0"])
+        "optim.batch_size=8", "optim.epochs=2", f"train.output_dir={tmp_path / 'run'}",
+        f"data.loader={loader}", "data.num_workers=0" if loader == "torch" else "data.num_workers=1"])
     summary = trainer_mod.train(cfg)
-    assert summary["step"] == 26 // 8
+    assert summary["step"] == 2 * (26 // 8)
     assert summary["skipped_images"] >= 1
     assert metrics(tmp_path / "run")[-1]["skipped_images"] == summary["skipped_images"]
+    epoch_reports = [r.getMessage() for r in caplog.records if "unreadable images skipped" in r.getMessage()]
+    assert epoch_reports and all(m.startswith("epoch ") for m in epoch_reports)
 
 
 def test_resume_with_a_changed_model_is_a_clear_error(tmp_path, capsys):

@@ -22,9 +22,9 @@ import resource
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Dict, List
+from typing import List
+
+from poa_hpc.bench.common import write_result
 
 MODELS = {
     # ViT-L/16 POA as the paper; ViT-B/16 as the same recipe one size down (elastic 384..768, depth 6..12).
@@ -44,28 +44,6 @@ def _engine_overrides(engine: str) -> List[str]:
     if name == "deepspeed":
         out.append(f"dist.zero_stage={stage or 2}")
     return out
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def _versions() -> Dict[str, str]:
-    import torch
-
-    from importlib import metadata
-
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist_name in ("deepspeed", "triton", "xformers", "timm"):
-        try:  # the installed version, without importing (DeepSpeed prints at import)
-            v[dist_name] = metadata.version(dist_name)
-        except metadata.PackageNotFoundError:
-            pass
-    return v
 
 
 # ---------------------------------------------------------------------------- worker
@@ -185,15 +163,8 @@ def run(argv: List[str] | None = None) -> int:
             rows.append(row)
             print(_fmt(row), flush=True)
     device = next((r["device"] for r in rows if "device" in r), "unknown")
-    result = {"benchmark": "engines", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": device, "versions": _versions(), "commit": _commit(), "nproc": nproc,
-              "batch_per_rank": args.batch, "steps": args.steps, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if torch.cuda.is_available() else "cpu"
-    path = out / f"engines_{tag}_{datetime.now(timezone.utc):%Y%m%d_%H%M%S}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_result("engines", rows, args.out, {"nproc": nproc, "batch_per_rank": args.batch, "steps": args.steps},
+                 device=device)
     return 0 if all("error" not in r for r in rows) else 1
 
 

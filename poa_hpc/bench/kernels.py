@@ -12,15 +12,12 @@ about speed); ``attention`` also runs on CPU for the torch backends.
 from __future__ import annotations
 
 import argparse
-import json
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
-from poa_hpc.bench.engines import _commit, _versions
+from poa_hpc.bench.common import write_result
 
 
 def _time(fn: Callable[[], object], iters: int, warmup: int) -> float:
@@ -44,22 +41,6 @@ def _time(fn: Callable[[], object], iters: int, warmup: int) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
-
-
-def _device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def _write(kind: str, rows: List[dict], out: str, extra: dict) -> Path:
-    result = {"benchmark": kind, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": _device_name(), "versions": _versions(), "commit": _commit(), **extra, "rows": rows}
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if torch.cuda.is_available() else "cpu"
-    path = folder / f"{kind}_{tag}_{datetime.now(timezone.utc):%Y%m%d_%H%M%S}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
-    return path
 
 
 # ---------------------------------------------------------------------------- sliced projection
@@ -109,7 +90,7 @@ def bench_kernels(argv: List[str] | None = None) -> int:
             print(f"{layer:<6}{f'{M} x {i} -> {groups * o}':<26}{row['torch_ms']:>10.3f}{row['triton_ms']:>11.3f}"
                   f"{row['dense_ms']:>10.3f}{row['triton_tflops']:>13.1f}{row['pct_of_dense']:>8.0f}%"
                   f"{row['speedup_vs_torch']:>8.2f}x")
-    _write("kernels", rows, args.out, {"dtype": args.dtype, "tokens": args.tokens})
+    write_result("kernels", rows, args.out, {"dtype": args.dtype, "tokens": args.tokens})
     return 0
 
 
@@ -143,5 +124,5 @@ def bench_attention(argv: List[str] | None = None) -> int:
                        "dtype": args.dtype, "ms": t * 1e3, "tflops": flops / t / 1e12}
                 rows.append(row)
                 print(f"{model:<7}{heads:>6}{seq:>5}{backend:>10}{row['ms']:>12.3f}{row['tflops']:>10.2f}")
-    _write("attention", rows, args.out, {"batch": args.batch, "dtype": args.dtype})
+    write_result("attention", rows, args.out, {"batch": args.batch, "dtype": args.dtype})
     return 0

@@ -24,7 +24,7 @@ from .transforms import derive_seed
 if TYPE_CHECKING:  # pragma: no cover
     from poa_hpc.config import POAConfig
 
-__all__ = ["collate_multicrop", "mask_plan", "MultiCropCollator", "build_collator", "MASK_STREAM"]
+__all__ = ["collate_multicrop", "draw_masks", "mask_plan", "MultiCropCollator", "build_collator", "MASK_STREAM"]
 
 MASK_STREAM = 0x4D41534B  # "MASK": keeps the mask RNG stream apart from the others
 SLOT_STREAM = 0x534C4F54  # "SLOT": one mask RNG per crop slot
@@ -50,6 +50,62 @@ def mask_plan(
     return {order[k]: (float(probs[k]), float(probs[k + 1])) for k in range(n_masked)}
 
 
+def draw_masks(
+    gpos: Sequence[int],
+    *,
+    mask_generator: MaskingGenerator,
+    rng: random.Random,
+    mask_ratio: Tuple[float, float] = (0.1, 0.5),
+    mask_probability: float = 0.5,
+    global_batch: Optional[int] = None,
+    slot_rng: Optional[Callable[[int], random.Random]] = None,
+) -> Dict[str, Any]:
+    """iBOT masks of the two global crops of the samples at global positions ``gpos``.
+
+    Of the ``2G`` global crops of the global batch (``G = global_batch``, default
+    ``len(gpos)``), ``int(2G * mask_probability)`` are masked with one ratio
+    stratum each (see :func:`mask_plan`, drawn with ``rng``); the crops of this
+    batch sit at slots ``view * G + gpos[i]`` (view-major, as the stacked crops)
+    and each masked slot ``j`` draws its mask with ``slot_rng(j)``.
+
+    Returns ``masks`` bool (2B, N), ``mask_indices``, ``masks_weight``,
+    ``n_masked`` and ``upperbound`` as described in :func:`collate_multicrop`.
+    """
+    B = len(gpos)
+    G = int(global_batch or B)
+    gpos = [int(g) for g in gpos]
+    if any(not 0 <= g < G for g in gpos):
+        raise ValueError(f"draw_masks: global positions {gpos} outside a global batch of {G}")
+    slots = [v * G + g for v in range(2) for g in gpos]
+    if slot_rng is None:
+        base = rng.getrandbits(63)
+        slot_rng = lambda j: random.Random(base + j)  # noqa: E731
+    n_tokens = mask_generator.num_patches
+    plan = mask_plan(2 * G, mask_probability, mask_ratio, rng)
+    upperbound = 0
+    masks_list: List[np.ndarray] = []
+    for j in slots:
+        stratum = plan.get(j)
+        if stratum is None:
+            masks_list.append(np.zeros(mask_generator.get_shape(), dtype=bool))
+            continue
+        lo, hi = stratum
+        r = slot_rng(j)
+        masks_list.append(mask_generator(int(n_tokens * r.uniform(lo, hi)), rng=r))
+        upperbound += int(n_tokens * hi)
+
+    masks = torch.from_numpy(np.stack(masks_list)).flatten(1)
+    mask_indices = masks.flatten().nonzero().flatten()
+    masks_weight = (1.0 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+    return {
+        "masks": masks,
+        "mask_indices": mask_indices,
+        "masks_weight": masks_weight.float(),
+        "n_masked": int(mask_indices.numel()),
+        "upperbound": upperbound,
+    }
+
+
 def collate_multicrop(
     samples: Sequence[Mapping[str, Any]],
     *,
@@ -64,14 +120,9 @@ def collate_multicrop(
     """Stack multi-crop samples and draw iBOT masks for the global crops.
 
     ``samples`` are dicts with ``global_crops`` / ``local_crops`` (lists of
-    ``(C, H, W)`` tensors) and optionally ``label``, ``n_skipped``, ``index``.
-
-    Masking (DINOv2): of the ``2G`` global crops of the global batch
-    (``G = global_batch``, default this batch), ``int(2G * mask_probability)``
-    are masked with one ratio stratum each of ``linspace(ratio_min, ratio_max,
-    n + 1)`` (see :func:`mask_plan`, drawn with ``rng``); this batch's crops sit
-    at slots ``view * G + sample["gpos"]`` and each masked slot ``j`` draws its
-    mask with ``slot_rng(j)``.
+    ``(C, H, W)`` tensors) and optionally ``label``, ``n_skipped``, ``index``
+    and ``gpos`` (the sample's position in the global batch; masks as in
+    :func:`draw_masks`).
 
     Returns:
         ``global_crops`` (2B, C, H, W); ``local_crops`` (n_local*B, C, h, w) (an
@@ -93,41 +144,19 @@ def collate_multicrop(
         global_crops = global_crops.to(dtype)
         local_crops = local_crops.to(dtype)
 
-    B = len(samples)
-    G = int(global_batch or B)
-    gpos = [int(s.get("gpos", i)) for i, s in enumerate(samples)]
-    if any(not 0 <= g < G for g in gpos):
-        raise ValueError(f"collate_multicrop: global positions {gpos} outside a global batch of {G}")
-    slots = [v * G + g for v in range(2) for g in gpos]  # view-major, as the stacked crops
-    if slot_rng is None:
-        base = rng.getrandbits(63)
-        slot_rng = lambda j: random.Random(base + j)  # noqa: E731
-    n_tokens = mask_generator.num_patches
-    plan = mask_plan(2 * G, mask_probability, mask_ratio, rng)
-    upperbound = 0
-    masks_list: List[np.ndarray] = []
-    for j in slots:
-        stratum = plan.get(j)
-        if stratum is None:
-            masks_list.append(np.zeros(mask_generator.get_shape(), dtype=bool))
-            continue
-        lo, hi = stratum
-        r = slot_rng(j)
-        masks_list.append(mask_generator(int(n_tokens * r.uniform(lo, hi)), rng=r))
-        upperbound += int(n_tokens * hi)
-
-    masks = torch.from_numpy(np.stack(masks_list)).flatten(1)
-    mask_indices = masks.flatten().nonzero().flatten()
-    masks_weight = (1.0 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
-
+    masks = draw_masks(
+        [int(s.get("gpos", i)) for i, s in enumerate(samples)],
+        mask_generator=mask_generator,
+        rng=rng,
+        mask_ratio=mask_ratio,
+        mask_probability=mask_probability,
+        global_batch=global_batch,
+        slot_rng=slot_rng,
+    )
     batch: Dict[str, Any] = {
         "global_crops": global_crops,
         "local_crops": local_crops,
-        "masks": masks,
-        "mask_indices": mask_indices,
-        "masks_weight": masks_weight.float(),
-        "n_masked": int(mask_indices.numel()),
-        "upperbound": upperbound,
+        **masks,
         "n_skipped": int(sum(int(s.get("n_skipped", 0)) for s in samples)),
     }
     if all("label" in s for s in samples):
@@ -163,6 +192,21 @@ class MultiCropCollator:
     def rng_for(self, step: int) -> random.Random:
         return random.Random(derive_seed(self.seed, MASK_STREAM, step))
 
+    def slot_rng(self, step: int) -> Callable[[int], random.Random]:
+        return lambda j: random.Random(derive_seed(self.seed, SLOT_STREAM, step, j))
+
+    def masks_for(self, step: int, gpos: Sequence[int]) -> Dict[str, Any]:
+        """The mask fields of the batch at ``step`` holding global positions ``gpos``."""
+        return draw_masks(
+            gpos,
+            mask_generator=self.mask_generator,
+            rng=self.rng_for(step),
+            mask_ratio=self.mask_ratio,
+            mask_probability=self.mask_probability,
+            global_batch=self.global_batch,
+            slot_rng=self.slot_rng(step),
+        )
+
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         steps = {int(s["step"]) for s in samples}
         if len(steps) != 1:
@@ -176,7 +220,7 @@ class MultiCropCollator:
             mask_probability=self.mask_probability,
             dtype=self.dtype,
             global_batch=self.global_batch,
-            slot_rng=lambda j: random.Random(derive_seed(self.seed, SLOT_STREAM, step, j)),
+            slot_rng=self.slot_rng(step),
         )
         batch["step"] = step
         return batch

@@ -35,7 +35,7 @@ from poa_hpc.config import ConfigError, POAConfig
 
 from .collate import MultiCropCollator, build_collator
 from .datasets import DigitsDataset, FileListDataset, ImageFolderDataset, RobustDataset, TransformedDataset
-from .transforms import EvalTransform, build_multicrop, derive_seed, seeded_rng
+from .transforms import EvalTransform, build_multicrop, build_view_specs, derive_seed, seeded_rng
 
 __all__ = [
     "SampleKey",
@@ -244,24 +244,63 @@ def build_train_dataset(cfg: POAConfig) -> Dataset:
     raise ConfigError(f"key 'data.dataset': unknown dataset {kind!r}")
 
 
+def _build_dali_loader(
+    cfg: POAConfig, dataset: Dataset, sampler: StepBatchSampler, global_batch: int
+) -> Any:
+    from .dali import DaliMultiCropLoader, dali_available
+
+    kind = cfg.data.loader
+    if not dali_available():
+        raise ConfigError(
+            f"key 'data.loader': {kind!r} needs NVIDIA DALI, which is not installed "
+            "(pip install nvidia-dali-cuda120; its CPU backend also runs without a GPU)"
+        )
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        raise ConfigError(
+            f"key 'data.loader': {kind!r} decodes image files, but data.dataset={cfg.data.dataset!r} "
+            "holds its images in memory; use data.loader=torch for it"
+        )
+    loader = DaliMultiCropLoader(
+        [p for p, _ in samples],
+        [int(t) for _, t in samples],
+        sampler,
+        build_view_specs(cfg),
+        build_collator(cfg, global_batch=global_batch),
+        seed=cfg.train.seed,
+        device="gpu" if kind == "dali" else "cpu",
+        num_threads=max(1, int(cfg.data.num_workers)),
+        root=str(getattr(dataset, "root", "")),
+    )
+    logger.info(
+        "train data (DALI %s): %s, %d images, global batch %d, %d iters/epoch, start step %d, %d threads",
+        "GPU" if kind == "dali" else "CPU", getattr(dataset, "root", "?"), len(samples), global_batch,
+        sampler.iters_per_epoch, sampler.start_step, loader.num_threads,
+    )
+    return loader
+
+
 def build_train_loader(
     cfg: POAConfig,
     rank: int = 0,
     world_size: int = 1,
     start_step: int = 0,
     dataset: Optional[Dataset] = None,
-) -> Tuple[TrainLoader, int]:
+) -> Tuple[Any, int]:
     """Infinite loader of this rank's batches from ``start_step`` on, and iters per epoch.
 
     ``dataset`` overrides the ``(PIL image, label)`` source chosen by
     ``cfg.data.dataset`` (for tests and custom data).  See the module docstring
     for the determinism contract and :func:`collate_multicrop` for the batch keys.
+    ``data.loader`` picks the torchvision loader (:class:`TrainLoader`) or the
+    DALI one (:class:`poa_hpc.data.dali.DaliMultiCropLoader`, GPU or CPU backend);
+    both yield the same batch keys.
     """
-    source = RobustDataset(dataset if dataset is not None else build_train_dataset(cfg))
+    raw = dataset if dataset is not None else build_train_dataset(cfg)
     global_batch = cfg.optim.batch_size * world_size
-    iters = compute_iters_per_epoch(len(source), global_batch, cfg.optim.iters_per_epoch)
+    iters = compute_iters_per_epoch(len(raw), global_batch, cfg.optim.iters_per_epoch)  # type: ignore[arg-type]
     sampler = StepBatchSampler(
-        len(source),
+        len(raw),  # type: ignore[arg-type]
         cfg.optim.batch_size,
         seed=cfg.train.seed,
         iters_per_epoch=iters,
@@ -269,6 +308,9 @@ def build_train_loader(
         world_size=world_size,
         start_step=start_step,
     )
+    if cfg.data.loader != "torch":
+        return _build_dali_loader(cfg, raw, sampler, global_batch), iters
+    source = RobustDataset(raw)
     train_ds = MultiCropTrainDataset(source, build_multicrop(cfg), seed=cfg.train.seed)
     collator: MultiCropCollator = build_collator(cfg, global_batch=global_batch)
     num_workers = max(0, int(cfg.data.num_workers))

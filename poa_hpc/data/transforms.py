@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import TYPE_CHECKING, Dict, Iterator, List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,8 +26,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MultiCropAugmentation",
+    "ViewSpec",
+    "multicrop_view_specs",
+    "torchvision_view",
     "EvalTransform",
     "build_multicrop",
+    "build_view_specs",
     "blur_kernel_size",
     "to_rgb",
     "seeded_rng",
@@ -80,18 +85,80 @@ def blur_kernel_size(crop_size: int, ref_kernel: int = 9, ref_size: int = 224) -
     return max(3, k)
 
 
-def _blur(crop_size: int, p: float) -> T.RandomApply:
-    """Gaussian blur applied with probability ``p`` (sigma ~ U(0.1, 2.0)).
+@dataclass(frozen=True)
+class ViewSpec:
+    """One multi-crop view's augmentation, shared by the torchvision and DALI loaders.
 
-    DINOv2's own ``GaussianBlur`` passes ``1 - p`` to ``RandomApply`` (so its
-    "p=1.0" global view is never blurred); we apply the probability the papers
-    state (DINO/iBOT: 1.0 / 0.1 / 0.5).
+    In order: random resized crop to ``size`` (area ``scale``, aspect ``ratio``,
+    bicubic), horizontal flip, colour jitter with probability ``p_jitter``
+    (factors ``1 +- brightness``, ``1 +- contrast``, ``1 +- saturation`` and a
+    hue shift of ``+- hue`` turns), grayscale, Gaussian blur (``blur_kernel`` px,
+    sigma in ``blur_sigma``), solarisation at ``solarize_threshold``, then
+    ImageNet normalisation.
     """
-    return T.RandomApply([T.GaussianBlur(kernel_size=blur_kernel_size(crop_size), sigma=(0.1, 2.0))], p=p)
+
+    size: int
+    scale: Tuple[float, float]
+    p_blur: float
+    p_solarize: float = 0.0
+    ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    p_flip: float = 0.5
+    p_jitter: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    p_gray: float = 0.2
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    solarize_threshold: int = 128
+
+    @property
+    def blur_kernel(self) -> int:
+        return blur_kernel_size(self.size)
+
+
+def multicrop_view_specs(
+    global_size: int = 224,
+    local_size: int = 96,
+    n_local: int = 8,
+    global_scale: Tuple[float, float] = (0.32, 1.0),
+    local_scale: Tuple[float, float] = (0.05, 0.32),
+) -> List[ViewSpec]:
+    """DINOv2's views: global 1 (blur p 1.0), global 2 (blur p 0.1, solarize p 0.2), ``n_local`` locals (blur p 0.5).
+
+    The blur probabilities are the ones the papers state (DINO/iBOT: 1.0 / 0.1 / 0.5);
+    DINOv2's own ``GaussianBlur`` passes ``1 - p`` to ``RandomApply``, so its
+    "p=1.0" global view is never blurred.
+    """
+    if n_local < 0:
+        raise ValueError(f"n_local must be >= 0, got {n_local}")
+    g, loc = tuple(map(float, global_scale)), tuple(map(float, local_scale))
+    return [
+        ViewSpec(global_size, g, p_blur=1.0),  # type: ignore[arg-type]
+        ViewSpec(global_size, g, p_blur=0.1, p_solarize=0.2),  # type: ignore[arg-type]
+        *[ViewSpec(local_size, loc, p_blur=0.5) for _ in range(n_local)],  # type: ignore[arg-type]
+    ]
 
 
 def _normalize() -> T.Compose:
     return T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+
+
+def torchvision_view(spec: ViewSpec) -> T.Compose:
+    """The torchvision pipeline of one view (PIL RGB in, normalised ``(3, size, size)`` out)."""
+    ops: List[Any] = [
+        T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, interpolation=InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(p=spec.p_flip),
+        T.RandomApply(
+            [T.ColorJitter(brightness=spec.brightness, contrast=spec.contrast, saturation=spec.saturation, hue=spec.hue)],
+            p=spec.p_jitter,
+        ),
+        T.RandomGrayscale(p=spec.p_gray),
+        T.RandomApply([T.GaussianBlur(kernel_size=spec.blur_kernel, sigma=spec.blur_sigma)], p=spec.p_blur),
+    ]
+    if spec.p_solarize > 0:
+        ops.append(T.RandomSolarize(threshold=spec.solarize_threshold, p=spec.p_solarize))
+    return T.Compose([*ops, _normalize()])
 
 
 class MultiCropAugmentation:
@@ -100,7 +167,7 @@ class MultiCropAugmentation:
     Global view 1: crop, flip, colour jitter (p 0.8), grayscale (p 0.2), blur (p 1.0).
     Global view 2: same, blur p 0.1, then solarize (threshold 128, p 0.2).
     Local views: smaller crop, flip, jitter, grayscale, blur p 0.5.
-    Every view ends with ToTensor + ImageNet normalisation.
+    Every view ends with ToTensor + ImageNet normalisation (see :class:`ViewSpec`).
 
     ``__call__`` takes a PIL image of any mode and returns
     ``{"global_crops": [T, T], "local_crops": [T] * n_local}`` with
@@ -116,38 +183,19 @@ class MultiCropAugmentation:
         global_scale: Tuple[float, float] = (0.32, 1.0),
         local_scale: Tuple[float, float] = (0.05, 0.32),
     ) -> None:
-        if n_local < 0:
-            raise ValueError(f"n_local must be >= 0, got {n_local}")
+        self.specs = multicrop_view_specs(global_size, local_size, n_local, global_scale, local_scale)
         self.global_size = global_size
         self.local_size = local_size
         self.n_local = n_local
-        bicubic = InterpolationMode.BICUBIC
-
-        geometric_global = [
-            T.RandomResizedCrop(global_size, scale=tuple(global_scale), interpolation=bicubic),
-            T.RandomHorizontalFlip(p=0.5),
-        ]
-        geometric_local = [
-            T.RandomResizedCrop(local_size, scale=tuple(local_scale), interpolation=bicubic),
-            T.RandomHorizontalFlip(p=0.5),
-        ]
-        color = [
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-        ]
-        self.global_transform_1 = T.Compose(
-            [*geometric_global, *color, _blur(global_size, p=1.0), _normalize()]
-        )
-        self.global_transform_2 = T.Compose(
-            [*geometric_global, *color, _blur(global_size, p=0.1), T.RandomSolarize(threshold=128, p=0.2), _normalize()]
-        )
-        self.local_transform = T.Compose([*geometric_local, *color, _blur(local_size, p=0.5), _normalize()])
+        self.global_transform_1 = torchvision_view(self.specs[0])
+        self.global_transform_2 = torchvision_view(self.specs[1])
+        self.local_transform = torchvision_view(self.specs[2]) if n_local else None
 
     def __call__(self, image: Image.Image) -> Dict[str, List[torch.Tensor]]:
         image = to_rgb(image)
         return {
             "global_crops": [self.global_transform_1(image), self.global_transform_2(image)],
-            "local_crops": [self.local_transform(image) for _ in range(self.n_local)],
+            "local_crops": [self.local_transform(image) for _ in range(self.n_local)],  # type: ignore[misc]
         }
 
     def __repr__(self) -> str:
@@ -183,6 +231,14 @@ class EvalTransform:
 
     def __repr__(self) -> str:
         return f"EvalTransform(size={self.size})"
+
+
+def build_view_specs(cfg: "POAConfig") -> List[ViewSpec]:
+    """The views described by ``cfg.data`` (global 1, global 2, locals)."""
+    d = cfg.data
+    return multicrop_view_specs(
+        d.global_size, d.local_size, d.n_local, (d.global_scale_min, d.global_scale_max), (d.local_scale_min, d.local_scale_max)
+    )
 
 
 def build_multicrop(cfg: "POAConfig") -> MultiCropAugmentation:

@@ -166,6 +166,7 @@ def _train(cfg: POAConfig, resume: bool, ctx) -> Dict[str, object]:
     model.teacher.eval()
     last_record: Dict[str, float] = {}
     skipped = 0
+    skipped_at_epoch_start = 0
     it = iter(loader)
     t_last = time.perf_counter()
     try:
@@ -203,6 +204,11 @@ def _train(cfg: POAConfig, resume: bool, ctx) -> Dict[str, object]:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{s['lr']:.2e}", sub=str(sub), ips=f"{ips:.0f}")
+            if (step + 1) % iters_per_epoch == 0 or step + 1 == end:
+                if skipped > skipped_at_epoch_start and ctx.is_main:
+                    log.warning("epoch %d: %d unreadable images skipped and replaced (%d in this run)",
+                                step // iters_per_epoch, skipped - skipped_at_epoch_start, skipped)
+                skipped_at_epoch_start = skipped
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
                 engine.save(ckpt_dir, step + 1, meta)
     finally:

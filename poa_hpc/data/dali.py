@@ -1,0 +1,533 @@
+"""NVIDIA DALI multi-crop loader: nvJPEG decoding on the GPU, or DALI's CPU backend.
+
+``data.loader=dali`` decodes with nvJPEG (DALI's ``mixed`` backend) and runs
+every augmentation on the GPU; ``data.loader=dali_cpu`` runs the same graph on
+DALI's CPU backend (no GPU needed, ``device_id=None``).  Both yield the batch
+the torchvision loader yields (same keys, view-major crops, the same iBOT masks)
+and keep its contract (see :mod:`poa_hpc.data.loader`):
+
+* **which images**: the same :class:`~poa_hpc.data.loader.StepBatchSampler`, so
+  rank ``r`` of ``W`` reads the same files at step ``s`` as the torch loader;
+* **how they are augmented**: every random decision (crop box, flip, jitter
+  factors, grayscale, blur sigma, solarisation) is drawn on the host by
+  :func:`sample_view_params` from ``(seed, step, position in the global
+  batch)``; DALI only executes them.  A step's crops are therefore a pure
+  function of the step, not of the pipeline's history, so a resumed run and a
+  W-rank run see the crops a single uninterrupted process sees.  (They are not
+  the torch loader's crops: the two draw their parameters differently.)
+* **bad files** are skipped and counted as in the torch loader: the host reads
+  each file's header (Pillow, no decode) and checks that a JPEG/PNG is complete
+  before handing it to DALI; a bad file is replaced by the next index of the
+  dataset and counted in ``batch["n_skipped"]``.  Should DALI still fail on a
+  file the header check let through, the loader fully decodes that step's files
+  on the host to find it, marks it bad, rebuilds the pipeline and redoes the
+  step, so training never stops on a corrupt image.
+
+The colour operations follow torchvision's definitions: brightness ``b`` then
+contrast ``c`` around the mean luma (``b * (m + c * (x - m))``), saturation and
+hue (DALI's ``hsv``, a linear transform in RGB), grayscale as saturation 0 (ITU-R
+601 luma, as torchvision).  torchvision applies the four jitter operations in a
+random order with a clamp after each; here the order is fixed, so individual
+crops differ while the statistics match (a test compares them).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .loader import StepBatchSampler
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, derive_seed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .collate import MultiCropCollator
+
+__all__ = [
+    "DALI_LOADERS",
+    "DaliUnavailable",
+    "dali_available",
+    "random_resized_crop_box",
+    "sample_view_params",
+    "probe_image",
+    "DaliMultiCropLoader",
+    "N_PARAMS",
+]
+
+logger = logging.getLogger(__name__)
+
+DALI_LOADERS = ("dali", "dali_cpu")
+DALI_AUG_STREAM = 0x44414C49  # "DALI": the per-sample parameter stream of the DALI loaders
+
+# Per-view parameter vector (float32), drawn on the host, executed by DALI.
+P_Y0, P_X0, P_Y1, P_X1 = 0, 1, 2, 3  # crop box in source pixels (DALI's roi order is (y, x))
+P_FLIP = 4
+P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE_DEG = 5, 6, 7, 8  # saturation 0 = grayscale
+P_BLUR, P_SIGMA = 9, 10
+P_SOLARIZE = 11
+N_PARAMS = 12
+
+# Pillow format names DALI's decoders read; anything else is skipped as "not an image".
+_DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
+_JPEG_EOI = b"\xff\xd9"
+_PNG_IEND = b"IEND"
+_MAX_TRAILER = 1 << 12  # bytes allowed after a JPEG's last end-of-image marker (padding)
+
+
+class DaliUnavailable(RuntimeError):
+    """DALI is not installed or cannot run the requested backend here."""
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- host-side parameters
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: Tuple[float, float], ratio: Tuple[float, float], rng: np.random.Generator
+) -> Tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params``: ``(top, left, h, w)`` of the crop.
+
+    Ten tries at an area fraction ``U(scale)`` and a log-uniform aspect ratio;
+    if none fits, the largest centred box whose aspect lies in ``ratio``.
+    """
+    area = float(width * height)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_view_params(spec: ViewSpec, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """One view's random decisions as a ``(N_PARAMS,)`` float32 vector (see the ``P_*`` indices).
+
+    Same distributions as torchvision's transforms for ``spec``: crop box as
+    ``RandomResizedCrop``, flip with ``p_flip``, with ``p_jitter`` brightness and
+    contrast ``U(1 - x, 1 + x)``, saturation ``U(1 - s, 1 + s)`` and hue
+    ``U(-h, h)`` turns (else identity), grayscale with ``p_gray``, blur with
+    ``p_blur`` at sigma ``U(blur_sigma)``, solarisation with ``p_solarize``.
+    """
+    p = np.zeros(N_PARAMS, dtype=np.float32)
+    top, left, h, w = random_resized_crop_box(width, height, spec.scale, spec.ratio, rng)
+    p[P_Y0], p[P_X0], p[P_Y1], p[P_X1] = top, left, top + h, left + w
+    p[P_FLIP] = float(rng.random() < spec.p_flip)
+    p[P_BRIGHTNESS] = p[P_CONTRAST] = p[P_SATURATION] = 1.0
+    if rng.random() < spec.p_jitter:
+        p[P_BRIGHTNESS] = rng.uniform(1 - spec.brightness, 1 + spec.brightness)
+        p[P_CONTRAST] = rng.uniform(1 - spec.contrast, 1 + spec.contrast)
+        p[P_SATURATION] = rng.uniform(1 - spec.saturation, 1 + spec.saturation)
+        p[P_HUE_DEG] = 360.0 * rng.uniform(-spec.hue, spec.hue)
+    if rng.random() < spec.p_gray:
+        p[P_SATURATION] = 0.0  # grayscale after jitter: saturation 0 projects onto the luma axis
+    if rng.random() < spec.p_blur:
+        p[P_BLUR] = 1.0
+        p[P_SIGMA] = rng.uniform(spec.blur_sigma[0], spec.blur_sigma[1])
+    p[P_SOLARIZE] = float(spec.p_solarize > 0 and rng.random() < spec.p_solarize)
+    return p
+
+
+def probe_image(data: bytes) -> Tuple[int, int]:
+    """``(width, height)`` of an encoded image, from its header; raises ``ValueError`` if unusable.
+
+    Reads the header only (no pixel decode) and checks that a JPEG ends with
+    an end-of-image marker and a PNG has its ``IEND`` chunk, which catches
+    truncated files before they reach DALI.
+    """
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, (width, height) = img.format, img.size
+    except Exception as exc:
+        reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"not a readable image ({reason})") from None
+    if fmt not in _DALI_FORMATS:
+        raise ValueError(f"image format {fmt} is not decoded by DALI")
+    if fmt in ("JPEG", "MPO"):
+        eoi = data.rfind(_JPEG_EOI)
+        if eoi < 0 or len(data) - (eoi + 2) > _MAX_TRAILER:
+            raise ValueError("truncated JPEG (no end-of-image marker at the end)")
+    elif fmt == "PNG" and data.rfind(_PNG_IEND, max(0, len(data) - 64)) < 0:
+        raise ValueError("truncated PNG (no IEND chunk)")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image has size {width}x{height}")
+    return int(width), int(height)
+
+
+# --------------------------------------------------------------------------- the host source
+
+
+class _StepSource:
+    """DALI ``external_source`` callback: the encoded files and view parameters of one step.
+
+    Called once per pipeline iteration ``i`` (DALI's ``BatchInfo``) and serves
+    step ``start_step + i``; the outputs are ``[encoded, meta, params_view0,
+    ...]`` with ``meta = (label, index, n_skipped, gpos, step)`` per sample.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        sampler: StepBatchSampler,
+        specs: Sequence[ViewSpec],
+        seed: int,
+        start_step: int,
+        bad: Set[int],
+        io_threads: int,
+        max_tries: int = 32,
+    ) -> None:
+        self.paths = paths
+        self.labels = labels
+        self.sampler = sampler
+        self.specs = list(specs)
+        self.seed = int(seed)
+        self.start_step = int(start_step)
+        self.bad = bad  # shared with the loader: indices known to be unreadable
+        self.max_tries = max_tries
+        self.pool = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="poa-dali-io")
+        self.warned: Set[int] = set()
+
+    def _read(self, index: int) -> Tuple[bytes, int, int]:
+        with open(self.paths[index], "rb") as f:
+            data = f.read()
+        width, height = probe_image(data)
+        return data, width, height
+
+    def _mark_bad(self, index: int, reason: str) -> None:
+        self.bad.add(index)
+        if index not in self.warned:
+            self.warned.add(index)
+            logger.warning("skipping unreadable image %s (%s)", self.paths[index], reason)
+
+    def _load(self, index: int) -> Tuple[int, int, bytes, int, int]:
+        """``(index used, skipped, bytes, width, height)``: the next readable item from ``index`` on."""
+        n = len(self.paths)
+        for k in range(min(self.max_tries, n)):
+            i = (index + k) % n
+            if i in self.bad:
+                continue
+            try:
+                data, width, height = self._read(i)
+            except (OSError, ValueError) as exc:
+                self._mark_bad(i, f"{type(exc).__name__}: {exc}")
+                continue
+            return i, k, data, width, height
+        raise RuntimeError(
+            f"{min(self.max_tries, n)} consecutive images starting at '{self.paths[index]}' could not be read; "
+            "is the data set intact and its file system mounted?"
+        )
+
+    def batch_for_step(self, step: int) -> List[Any]:
+        keys = self.sampler.batch_for_step(step)
+        loaded = list(self.pool.map(self._load, [k.index for k in keys]))
+        encoded, meta = [], []
+        params: List[List[np.ndarray]] = [[] for _ in self.specs]
+        for key, (index, skipped, data, width, height) in zip(keys, loaded):
+            encoded.append(np.frombuffer(data, dtype=np.uint8))
+            meta.append(np.array([self.labels[index], index, skipped, key.pos, step], dtype=np.int64))
+            rng = np.random.default_rng(derive_seed(self.seed, DALI_AUG_STREAM, step, key.pos))
+            for v, spec in enumerate(self.specs):
+                params[v].append(sample_view_params(spec, width, height, rng))
+        return [encoded, meta, *params]
+
+    def __call__(self, info: Any) -> List[Any]:
+        return self.batch_for_step(self.start_step + int(info.iteration))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- the DALI graph
+
+
+def _augment_view(images: Any, p: Any, spec: ViewSpec, on_gpu: bool) -> Any:
+    """One view: crop+resize, jitter/grayscale, blur, solarize, flip+normalise (CHW float)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    pa = p.gpu() if on_gpu else p  # per-sample factors used in arithmetic live with the data
+    v = fn.resize(
+        images,
+        roi_start=p[P_Y0:P_X0 + 1],
+        roi_end=p[P_Y1:P_X1 + 1],
+        roi_relative=False,
+        size=[spec.size, spec.size],
+        interp_type=types.INTERP_CUBIC,
+        antialias=True,
+    )
+    # brightness b, then contrast c around the mean luma m (torchvision's definitions)
+    vf = fn.cast(v, dtype=types.FLOAT)
+    luma = types.Constant(np.array([[[0.299, 0.587, 0.114]]], dtype=np.float32))
+    m = fn.reductions.mean(vf * luma, axes=[0, 1, 2], keep_dims=True) * 3.0
+    vf = pa[P_BRIGHTNESS] * (m + pa[P_CONTRAST] * (vf - m))
+    v = fn.cast(dmath.clamp(vf, 0.0, 255.0), dtype=types.UINT8)
+    v = fn.hsv(v, saturation=p[P_SATURATION], hue=p[P_HUE_DEG])
+    if p[P_BLUR] > 0.5:
+        v = fn.gaussian_blur(v, window_size=spec.blur_kernel, sigma=p[P_SIGMA])
+    if spec.p_solarize > 0:
+        t = spec.solarize_threshold
+        if p[P_SOLARIZE] > 0.5:
+            v = fn.cast((v >= t) * (255 - v) + (v < t) * v, dtype=types.UINT8)
+    return fn.crop_mirror_normalize(
+        v,
+        mirror=fn.cast(p[P_FLIP], dtype=types.INT32),
+        mean=[255.0 * x for x in IMAGENET_MEAN],
+        std=[255.0 * x for x in IMAGENET_STD],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )
+
+
+def _build_pipeline(
+    source: _StepSource,
+    specs: Sequence[ViewSpec],
+    batch_size: int,
+    num_threads: int,
+    device_id: Optional[int],
+    seed: int,
+    prefetch: int,
+) -> Any:
+    from nvidia.dali import fn, pipeline_def, types
+
+    on_gpu = device_id is not None
+    n_views = len(specs)
+
+    @pipeline_def(enable_conditionals=True)
+    def poa_multicrop():  # type: ignore[no-untyped-def]
+        outs = fn.external_source(source=source, num_outputs=2 + n_views, batch=True, batch_info=True, parallel=False)
+        encoded, meta, params = outs[0], outs[1], outs[2:]
+        images = fn.decoders.image(
+            encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
+        )
+        views = [_augment_view(images, params[v], specs[v], on_gpu) for v in range(n_views)]
+        return (*views, meta)
+
+    pipe = poa_multicrop(
+        batch_size=batch_size,
+        num_threads=max(1, num_threads),
+        device_id=device_id,
+        seed=seed % (1 << 31),  # unused by the graph (all randomness comes from the source)
+        prefetch_queue_depth=max(1, prefetch),
+    )
+    pipe.build()
+    return pipe
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _decode_one(data: bytes, device_id: Optional[int]) -> None:
+    """Decode one encoded image with DALI on the loader's backend; raises if DALI cannot."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    sample = [np.frombuffer(data, dtype=np.uint8)]
+
+    @pipeline_def
+    def one():  # type: ignore[no-untyped-def]
+        encoded = fn.external_source(source=lambda: sample, batch=True)
+        device = "mixed" if device_id is not None else "cpu"
+        return fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=False)
+
+    pipe = one(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
+    pipe.build()
+    pipe.run()
+
+
+def _to_torch(tl: Any, out: torch.Tensor) -> None:
+    """Copy a dense DALI TensorList (CPU or GPU) into the contiguous torch tensor ``out``."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    stream = torch.cuda.current_stream(out.device) if out.is_cuda else None
+    feed_ndarray(tl.as_tensor(), out, cuda_stream=stream)
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class DaliMultiCropLoader:
+    """Infinite multi-crop batch iterator backed by a DALI pipeline (see the module docstring).
+
+    Same interface as :class:`poa_hpc.data.loader.TrainLoader`: ``next(loader)``
+    returns the batch of step ``start_step``, then the next step's, ...;
+    ``iters_per_epoch`` is the epoch length; ``close()`` releases the pipeline.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        sampler: StepBatchSampler,
+        specs: Sequence[ViewSpec],
+        collator: "MultiCropCollator",
+        seed: int,
+        device: str = "cpu",
+        device_id: Optional[int] = None,
+        num_threads: int = 4,
+        prefetch: int = 2,
+        root: str = "",
+        max_rebuilds: int = 8,
+    ) -> None:
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"DaliMultiCropLoader: device must be 'cpu' or 'gpu', got {device!r}")
+        if device == "gpu":
+            if not torch.cuda.is_available():
+                raise DaliUnavailable("data.loader=dali decodes on the GPU, but no CUDA device is visible; "
+                                      "use data.loader=dali_cpu or data.loader=torch")
+            device_id = torch.cuda.current_device() if device_id is None else int(device_id)
+        else:
+            device_id = None
+        if len(specs) < 2:
+            raise ValueError("DaliMultiCropLoader: need at least the two global views")
+        self.paths, self.labels = list(paths), list(labels)
+        self.sampler = sampler
+        self.specs = list(specs)
+        self.collator = collator
+        self.seed = int(seed)
+        self.device = device
+        self.device_id = device_id
+        self.num_threads = int(num_threads)
+        self.prefetch = int(prefetch)
+        self.root = root
+        self.max_rebuilds = int(max_rebuilds)
+        self.bad: Set[int] = set()
+        self.step = sampler.start_step
+        self._pipe: Any = None
+        self._source: Optional[_StepSource] = None
+        self._torch_device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return self.sampler.iters_per_epoch
+
+    @property
+    def n_bad(self) -> int:
+        """Distinct files found unreadable so far (this process)."""
+        return len(self.bad)
+
+    def _start(self) -> None:
+        self._stop()
+        self._source = _StepSource(
+            self.paths, self.labels, self.sampler, self.specs, self.seed, self.step, self.bad,
+            io_threads=max(2, self.num_threads),
+        )
+        self._pipe = _build_pipeline(
+            self._source, self.specs, self.sampler.batch_size, self.num_threads, self.device_id, self.seed,
+            self.prefetch,
+        )
+
+    def _stop(self) -> None:
+        if self._source is not None:
+            self._source.close()
+        self._pipe, self._source = None, None
+
+    def __iter__(self) -> "DaliMultiCropLoader":
+        return self
+
+    def _find_bad_files(self, step: int) -> List[int]:
+        """Decode this step's files one by one (DALI, same backend); mark and return the ones that fail."""
+        assert self._source is not None
+        found = []
+        for key in self.sampler.batch_for_step(step):
+            i = key.index
+            while i in self.bad:  # the source substituted past known-bad files
+                i = (i + 1) % len(self.paths)
+            try:
+                data = self._source._read(i)[0]
+                _decode_one(data, self.device_id)
+            except Exception as exc:
+                self._source._mark_bad(i, f"DALI cannot decode it: {_last_line(exc)}")
+                found.append(i)
+        return found
+
+    def _run(self) -> Tuple[Any, ...]:
+        for attempt in range(self.max_rebuilds + 1):
+            if self._pipe is None:
+                self._start()
+            try:
+                return tuple(self._pipe.run())
+            except RuntimeError as exc:
+                bad = self._find_bad_files(self.step)
+                self._stop()
+                if not bad or attempt == self.max_rebuilds:
+                    raise RuntimeError(
+                        f"DALI pipeline failed at step {self.step} reading '{self.root}' and no file of that batch "
+                        f"fails to decode on its own: {_last_line(exc)}"
+                    ) from exc
+                logger.warning("DALI failed on %d file(s) at step %d; skipping them and redoing the step",
+                               len(bad), self.step)
+        raise AssertionError("unreachable")
+
+    def __next__(self) -> Dict[str, Any]:
+        outs = self._run()
+        views, meta_tl = outs[:-1], outs[-1]
+        meta = torch.from_numpy(np.array(meta_tl.as_tensor()))  # (B, 5) int64
+        step = int(meta[0, 4])
+        if step != self.step:
+            raise RuntimeError(f"DALI loader out of step: got step {step}, expected {self.step}")
+        B = self.sampler.batch_size
+        n_local = len(views) - 2
+
+        def stack(vs: Sequence[Any], size: int) -> torch.Tensor:
+            out = torch.empty((len(vs) * B, 3, size, size), dtype=torch.float32, device=self._torch_device)
+            for k, tl in enumerate(vs):
+                _to_torch(tl, out[k * B:(k + 1) * B])
+            return out
+
+        global_crops = stack(views[:2], self.specs[0].size)
+        if n_local:
+            local_crops = stack(views[2:], self.specs[2].size)
+        else:
+            local_crops = torch.empty(0, 3, 0, 0, device=self._torch_device)
+        gpos = meta[:, 3].tolist()
+        batch: Dict[str, Any] = {
+            "global_crops": global_crops,
+            "local_crops": local_crops,
+            **self.collator.masks_for(step, gpos),
+            "n_skipped": int(meta[:, 2].sum()),
+            "labels": meta[:, 0].clone(),
+            "indices": meta[:, 1].clone(),
+            "step": step,
+        }
+        self.step += 1
+        return batch
+
+    def close(self) -> None:
+        self._stop()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self._stop()
+        except Exception:
+            pass
