@@ -285,12 +285,18 @@ def _augment_view(images: Any, p: Any, spec: ViewSpec, on_gpu: bool) -> Any:
         interp_type=types.INTERP_CUBIC,
         antialias=True,
     )
-    # brightness b, then contrast c around the mean luma m (torchvision's definitions)
-    vf = fn.cast(v, dtype=types.FLOAT)
-    luma = types.Constant(np.array([[[0.299, 0.587, 0.114]]], dtype=np.float32))
-    m = fn.reductions.mean(vf * luma, axes=[0, 1, 2], keep_dims=True) * 3.0
-    vf = pa[P_BRIGHTNESS] * (m + pa[P_CONTRAST] * (vf - m))
-    v = fn.cast(dmath.clamp(vf, 0.0, 255.0), dtype=types.UINT8)
+    # brightness b, then contrast c around the mean luma m (torchvision's definitions):
+    # out = b * (m + c * (x - m)), clamped to uint8
+    if on_gpu:  # m lives on the GPU, and operator arguments must come from the CPU: arithmetic
+        vf = fn.cast(v, dtype=types.FLOAT)
+        luma = types.Constant(np.array([[[0.299, 0.587, 0.114]]], dtype=np.float32))
+        m = fn.reductions.mean(vf * luma, axes=[0, 1, 2], keep_dims=True) * 3.0
+        vf = pa[P_BRIGHTNESS] * (m + pa[P_CONTRAST] * (vf - m))
+        v = fn.cast(dmath.clamp(vf, 0.0, 255.0), dtype=types.UINT8)
+    else:  # one fused pass with the per-sample centre as an argument
+        mc = fn.reductions.mean(v, axes=[0, 1], dtype=types.FLOAT)
+        m = mc[0] * 0.299 + mc[1] * 0.587 + mc[2] * 0.114
+        v = fn.brightness_contrast(v, brightness=p[P_BRIGHTNESS], contrast=p[P_CONTRAST], contrast_center=m)
     v = fn.hsv(v, saturation=p[P_SATURATION], hue=p[P_HUE_DEG])
     if p[P_BLUR] > 0.5:
         v = fn.gaussian_blur(v, window_size=spec.blur_kernel, sigma=p[P_SIGMA])
