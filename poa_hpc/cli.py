@@ -1,6 +1,7 @@
 """The ``poa`` command.
 
-    poa train   --config CFG [--resume] [key=value ...]
+    poa train   --config CFG [--resume] [--nproc N] [key=value ...]
+    poa submit  --config CFG --nodes N --gpus-per-node G --partition P --time T [key=value ...]
     poa extract CKPT (--width W --depth D | --subnet WxD ... | --all) -o OUT
     poa eval knn SUBNET.safetensors ... [--config CFG] [key=value ...]
     poa subnets --config CFG
@@ -42,20 +43,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from poa_hpc.train.trainer import train
+    from poa_hpc.distributed.env import slurm_launch_env
+    from poa_hpc.launch.run import run_training
 
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before any launch
-    if (args.nproc > 1 or cfg.dist.engine != "none") and "RANK" not in os.environ:
+    launched = "RANK" in os.environ or slurm_launch_env() is not None  # torchrun, or a task of an srun step
+    if (args.nproc > 1 or cfg.dist.engine != "none") and not launched:
         if cfg.dist.engine == "none":
             raise UsageError("--nproc > 1 needs a distributed engine: add dist.engine=fsdp (or deepspeed, ddp)")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "poa_hpc", "train", "--config", args.config, *(["--resume"] if args.resume else []),
                *args.overrides]
         return subprocess.call(cmd)
-    summary = train(cfg, resume=args.resume)
+    summary, code = run_training(cfg, resume=args.resume)
     if summary["rank"] == 0:
-        print(f"trained to step {summary['step']}; checkpoint: {summary['checkpoint']}")
-    return 0
+        if summary.get("interrupted"):
+            print(f"stopped by {summary['interrupted']} at step {summary['step']}; checkpoint: "
+                  f"{summary['checkpoint']} (continue with --resume)")
+        else:
+            print(f"trained to step {summary['step']}; checkpoint: {summary['checkpoint']}")
+    return code
 
 
 # ------------------------------------------------------------------ extract
@@ -228,6 +235,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown benchmark {args.what!r}")
 
 
+# ------------------------------------------------------------------ submit
+def cmd_submit(args: argparse.Namespace) -> int:
+    from poa_hpc.launch.submit import submit
+
+    return submit(args)
+
+
 # ------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="poa", description="POA: pre-train once, extract models of all sizes.")
@@ -273,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see poa bench engines -h)")
     b.set_defaults(func=cmd_bench)
 
+    sb = sub.add_parser("submit", help="submit a training job to Slurm (submitit; one task per GPU, "
+                                        "checkpoint + requeue on time limit or preemption)")
+    from poa_hpc.launch.submit import add_submit_arguments
+
+    add_submit_arguments(sb)
+    sb.set_defaults(func=cmd_submit)
+
     d = sub.add_parser("demo", help="train the embedded CPU demo, extract 3 sub-networks, k-NN them")
     d.add_argument("--output-dir", help="default: runs/demo")
     d.add_argument("overrides", nargs="*")
@@ -280,18 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def setup_logging(verbose: bool) -> None:
+    """One voice per job: rank 0 logs at INFO, the other ranks only warn (torchrun's or srun's rank)."""
     import os
 
-    args = build_parser().parse_args(argv)
-    quiet_rank = os.environ.get("RANK", "0") != "0"  # one voice per job: rank 0 logs, others warn
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet_rank else logging.INFO,
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0") if "SLURM_STEP_NUM_TASKS" in os.environ else "0")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if rank != "0" else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from poa_hpc.launch.submit import SubmitError
     from poa_hpc.train.trainer import NonFiniteLossError, ResumeError
 
     try:
         return args.func(args)
-    except (ConfigError, UsageError, ResumeError) as exc:
+    except (ConfigError, UsageError, ResumeError, SubmitError) as exc:
         print(f"poa {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:

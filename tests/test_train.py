@@ -92,6 +92,32 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(rb["model"][k], v, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_stop_signal_checkpoints_the_finished_step_then_resume_completes(tmp_path, sig):
+    """SIGTERM (scancel) or SIGUSR2 (time-limit warning): finish the step, checkpoint it, exit 128+sig."""
+    out = tmp_path / "run"
+    p = run_cli(out, "data.num_workers=0", "train.checkpoint_every=1000", "optim.epochs=10")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        f = out / "metrics.jsonl"
+        if f.exists() and any(json.loads(ln)["step"] >= 3 for ln in f.read_text().splitlines() if ln.strip()):
+            break
+        if p.poll() is not None:
+            pytest.fail("run ended before the signal:\n" + p.stdout.read())
+        time.sleep(0.02)
+    p.send_signal(sig)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, text
+    assert f"stopped by {signal.Signals(sig).name}" in text
+    saved = load_checkpoint(out / "checkpoints")["step"]
+    logged = [r["step"] for r in metrics(out)]
+    assert 3 < saved < 40 and logged == list(range(saved))  # the checkpoint holds every logged step
+    p = run_cli(out, "data.num_workers=0", "train.checkpoint_every=1000", "optim.epochs=10", resume=True)
+    text, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, text
+    assert [r["step"] for r in metrics(out)] == list(range(40))
+
+
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     args = ["train", "--config", "configs/demo_cpu.yaml", *TINY, f"train.output_dir={out}",

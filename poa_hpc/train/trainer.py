@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -29,6 +30,7 @@ from poa_hpc.train.checkpoint import LAST
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.schedules import build_schedules
+from poa_hpc.train.stop import StopRequest
 
 log = logging.getLogger("poa_hpc.train")
 
@@ -105,11 +107,16 @@ class MetricsLog:
             self.tb.close()
 
 
-def train(cfg: POAConfig, resume: bool = False) -> Dict[str, object]:
-    """Train POA in this process (one rank of a torchrun/Slurm job, or alone); returns a summary."""
+def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = None) -> Dict[str, object]:
+    """Train POA in this process (one rank of a torchrun/Slurm job, or alone); returns a summary.
+
+    With ``stop`` (see :mod:`poa_hpc.train.stop`), a stop signal received by any
+    rank ends the run after the current step with a checkpoint of that step;
+    the summary's ``interrupted`` is then the signal's name (else ``None``).
+    """
     ctx = init_distributed(cfg.train.device)
     try:
-        summary = _train(cfg, resume, ctx)
+        summary = _train(cfg, resume, ctx, stop)
     except BaseException:
         if ctx.distributed:  # no barrier: the other ranks may be gone
             torch.distributed.destroy_process_group()
@@ -119,7 +126,7 @@ def train(cfg: POAConfig, resume: bool = False) -> Dict[str, object]:
     return summary
 
 
-def _train(cfg: POAConfig, resume: bool, ctx) -> Dict[str, object]:
+def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None) -> Dict[str, object]:
     device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -167,6 +174,7 @@ def _train(cfg: POAConfig, resume: bool, ctx) -> Dict[str, object]:
     last_record: Dict[str, float] = {}
     skipped = 0
     skipped_at_epoch_start = 0
+    interrupted: Optional[str] = None
     it = iter(loader)
     t_last = time.perf_counter()
     try:
@@ -179,9 +187,13 @@ def _train(cfg: POAConfig, resume: bool, ctx) -> Dict[str, object]:
             sub = sampler.sample(step)
             terms = model.forward_backward(batch, sub, s["teacher_temp"], ibot=step >= ibot_start,
                                            backward=engine.backward, autocast=autocast)
-            # Decide on the all-reduced loss: a rank stopping alone would deadlock the others.
-            terms = all_reduce_mean({**terms, "n_skipped": float(batch.get("n_skipped", 0))}, device)
+            # Decide on all-reduced values: a rank stopping alone would deadlock the others.
+            got = stop is not None and stop.signal is not None
+            terms = all_reduce_mean({**terms, "n_skipped": float(batch.get("n_skipped", 0)),
+                                     "stop_ranks": float(got), "stop_signal": float(stop.signal) if got else 0.0},
+                                    device)
             skipped += int(round(terms.pop("n_skipped") * world_size))
+            stop_ranks, stop_signal = terms.pop("stop_ranks") * world_size, terms.pop("stop_signal") * world_size
             if not math.isfinite(terms["loss"]):
                 bad = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                 raise NonFiniteLossError(
@@ -209,6 +221,12 @@ def _train(cfg: POAConfig, resume: bool, ctx) -> Dict[str, object]:
                     log.warning("epoch %d: %d unreadable images skipped and replaced (%d in this run)",
                                 step // iters_per_epoch, skipped - skipped_at_epoch_start, skipped)
                 skipped_at_epoch_start = skipped
+            if stop_ranks > 0.5:  # some rank got a stop signal: all checkpoint this step and return
+                interrupted = _signal_name(stop, stop_signal / round(stop_ranks))
+                engine.save(ckpt_dir, step + 1, meta)
+                end = step + 1
+                log.warning("stopped by %s after step %d; checkpoint saved in %s", interrupted, step, ckpt_dir)
+                break
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
                 engine.save(ckpt_dir, step + 1, meta)
     finally:
@@ -222,4 +240,14 @@ def _train(cfg: POAConfig, resume: bool, ctx) -> Dict[str, object]:
     if skipped and ctx.is_main:
         log.warning("%d unreadable images were skipped and replaced during training", skipped)
     return {"step": end, "checkpoint": str(ckpt_dir / LAST), "metrics": last_record, "skipped_images": skipped,
-            "rank": rank, "world_size": world_size}
+            "rank": rank, "world_size": world_size, "interrupted": interrupted}
+
+
+def _signal_name(stop: Optional[StopRequest], mean_signal: float) -> str:
+    """This rank's own stop signal, else the one the ranks that got one received (Slurm signals them all alike)."""
+    if stop is not None and stop.name is not None:
+        return stop.name
+    try:
+        return signal.Signals(int(round(mean_signal))).name
+    except ValueError:
+        return "signal"

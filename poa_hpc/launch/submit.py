@@ -1,0 +1,160 @@
+"""``poa submit``: a POA training job on Slurm through submitit, one task per GPU.
+
+    poa submit --config configs/vit_l_poa.yaml --nodes 4 --gpus-per-node 8 --partition gpu \\
+        --time 72:00:00 data.root=/datasets/imagenet dist.engine=fsdp train.output_dir=/scratch/poa_vitl
+
+The run folder is ``train.output_dir`` (made absolute at submission): the frozen
+config the job runs (``submitted_config.yaml``), the trainer's ``config.yaml``,
+``metrics.jsonl`` and ``checkpoints/``, and ``slurm/`` with submitit's files and
+one log per task (``<job>_<task>_log.out/.err``).  Every task runs
+:func:`poa_hpc.launch.run.run_training` with ``--resume`` semantics: the
+process group comes from Slurm's variables, a requeued job continues from the
+latest checkpoint, the time-limit signal (``USR2``, ``--signal-delay`` seconds
+before the end) checkpoints and requeues, ``scancel`` checkpoints and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List
+
+from poa_hpc.config import POAConfig, load_config, to_yaml
+from poa_hpc.launch.slurm import parse_time_minutes
+
+log = logging.getLogger("poa_hpc.launch")
+
+__all__ = ["TrainTask", "add_submit_arguments", "submit", "SubmitError"]
+
+
+class SubmitError(RuntimeError):
+    """The job could not be submitted, or it failed; the message says why in Slurm's words."""
+
+
+class TrainTask:
+    """The callable submitit pickles and runs in every task: train from the frozen config, resuming."""
+
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+
+    def __call__(self) -> Dict[str, object]:
+        from poa_hpc.cli import setup_logging
+        from poa_hpc.launch.run import run_training
+
+        setup_logging(False)
+        cfg = load_config(self.config_path)
+        summary, code = run_training(cfg, resume=True)
+        if code != 0:
+            # Stopped by a signal after checkpointing: end without a result, so submitit does not
+            # report the job as finished (a requeued job runs again and resumes).
+            raise SystemExit(code)
+        return summary
+
+    def checkpoint(self) -> Any:
+        """submitit's hook on its own time-limit signal: resubmit the same task (it resumes).
+
+        Only reached if the signal arrives before training installs its handlers,
+        which checkpoint first; afterwards training handles the signal itself.
+        """
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainTask(self.config_path))
+
+
+def add_submit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training config (YAML)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU; 0 for a CPU job")
+    p.add_argument("--tasks-per-node", type=int, default=None,
+                   help="default: --gpus-per-node, or 1 for a CPU job")
+    p.add_argument("--cpus-per-task", type=int, default=10)
+    p.add_argument("--mem-gb", type=int, default=None, help="memory per node (default: Slurm's default)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--time", default="60", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS (default 60)")
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--constraint", default=None)
+    p.add_argument("--exclude", default=None)
+    p.add_argument("--name", default="poa", help="Slurm job name")
+    p.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which the job checkpoints and requeues itself")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end and print its summary")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.root=/imagenet")
+
+
+def _freeze_config(cfg: POAConfig, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "submitted_config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def _slurm_message(exc: BaseException) -> str:
+    """The useful line(s) of a failed sbatch call as submitit wraps it."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() and ln.strip()]
+    return "; ".join(dict.fromkeys(lines)) or text.strip().splitlines()[-1]
+
+
+def submit(args: argparse.Namespace) -> int:
+    try:
+        import submitit
+    except ImportError:
+        raise SubmitError("poa submit needs submitit: pip install submitit (or pip install -e '.[slurm]')") from None
+    try:
+        minutes = parse_time_minutes(args.time)
+    except ValueError as exc:
+        raise SubmitError(f"--time: {exc}") from None
+    gpus = max(0, int(args.gpus_per_node))
+    tasks = args.tasks_per_node or (gpus if gpus > 0 else 1)
+    if gpus and tasks != gpus:
+        raise SubmitError(f"--tasks-per-node {tasks} with --gpus-per-node {gpus}: POA runs one task per GPU")
+    world = tasks * args.nodes
+    overrides: List[str] = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if world > 1 and cfg.dist.engine == "none":
+        raise SubmitError(f"{world} tasks need a distributed engine: add dist.engine=fsdp (or deepspeed, ddp)")
+    out_dir = Path(cfg.train.output_dir).expanduser().resolve()
+    cfg.train.output_dir = str(out_dir)
+    cfg.train.progress = False  # a progress bar in a log file is noise; metrics.jsonl has the numbers
+    if gpus == 0 and cfg.train.device == "auto":
+        cfg.train.device = "cpu"
+    frozen = _freeze_config(cfg, out_dir)
+
+    executor = submitit.AutoExecutor(folder=str(out_dir / "slurm" / "%j"), cluster="slurm")
+    params: Dict[str, Any] = dict(
+        name=args.name, nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
+        timeout_min=minutes, slurm_signal_delay_s=args.signal_delay,
+        slurm_additional_parameters={"requeue": True},
+    )
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if args.mem_gb:
+        params["mem_gb"] = args.mem_gb
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        value = getattr(args, key)
+        if value:
+            params[f"slurm_{key}"] = value
+    executor.update_parameters(**params)
+    try:
+        job = executor.submit(TrainTask(str(frozen)))
+    except Exception as exc:  # sbatch refused it: surface Slurm's words, not submitit's traceback
+        raise SubmitError(f"Slurm refused the job: {_slurm_message(exc)}") from None
+    print(f"submitted Slurm job {job.job_id}: {args.nodes} node(s) x {tasks} task(s), {minutes} min, "
+          f"run folder {out_dir}")
+    print(f"  logs: {out_dir / 'slurm' / job.job_id}/{job.job_id}_<task>_log.out  "
+          f"(metrics: {out_dir / 'metrics.jsonl'})")
+    if not args.wait:
+        return 0
+    try:
+        results = job.results()
+    except Exception as exc:
+        raise SubmitError(f"job {job.job_id} did not finish: {str(exc).strip().splitlines()[0]} "
+                          f"(see {out_dir / 'slurm' / job.job_id})") from None
+    main = next((r for r in results if isinstance(r, dict) and r.get("rank") == 0), results[0])
+    print(f"job {job.job_id} finished: step {main['step']}, checkpoint {main['checkpoint']}")
+    return 0
