@@ -31,8 +31,10 @@ setup(
     ],
     extras_require={
         # DALI's wheel carries its CPU backend too, so the DALI tests run without a GPU.
-        "dev": ["pytest>=8", "pytest-timeout", "timm>=1.0", "deepspeed>=0.16", "nvidia-dali-cuda120>=1.40"],
+        "dev": ["pytest>=8", "pytest-timeout", "timm>=1.0", "deepspeed>=0.16", "nvidia-dali-cuda120>=1.40",
+                "submitit>=1.5"],
         "timm": ["timm>=1.0"],
+        "slurm": ["submitit>=1.5"],
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "tensorboard": ["tensorboard"],
         "deepspeed": ["deepspeed>=0.16"],

@@ -19,3 +19,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The session-wide local Slurm cluster fixture (tests/slurm_cluster.py).
+pytest_plugins = ["slurm_cluster"]

@@ -28,7 +28,10 @@ def requeue_job(jid: str, timeout_s: float = 60.0) -> None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SlurmError(f"scontrol requeue {jid} failed: {exc}") from None
     if r.returncode != 0:
-        raise SlurmError(f"scontrol requeue {jid} failed: {(r.stderr or r.stdout).strip()}")
+        message = (r.stderr or r.stdout).strip()
+        if "pending execution" in message.lower():
+            return  # Slurm requeued it already (preemption with PreemptMode=REQUEUE): nothing to do
+        raise SlurmError(f"scontrol requeue {jid} failed: {message}")
 
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")

@@ -120,7 +120,6 @@ def submit(args: argparse.Namespace) -> int:
         raise SubmitError(f"{world} tasks need a distributed engine: add dist.engine=fsdp (or deepspeed, ddp)")
     out_dir = Path(cfg.train.output_dir).expanduser().resolve()
     cfg.train.output_dir = str(out_dir)
-    cfg.train.progress = False  # a progress bar in a log file is noise; metrics.jsonl has the numbers
     if gpus == 0 and cfg.train.device == "auto":
         cfg.train.device = "cpu"
     frozen = _freeze_config(cfg, out_dir)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -165,7 +166,9 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
             "engine": engine.name, "world_size": world_size}
 
     bar = None
-    if cfg.train.progress and rank == 0:
+    # A bar on a terminal; in a log file (sbatch, submitit) one line per logged step instead.
+    log_lines = cfg.train.progress and rank == 0 and not sys.stderr.isatty()
+    if cfg.train.progress and rank == 0 and not log_lines:
         from tqdm import tqdm
 
         bar = tqdm(total=end, initial=start_step, desc="poa train", dynamic_ncols=True, leave=True)
@@ -213,6 +216,9 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
             last_record = record
             if metrics is not None and (step % cfg.train.log_every == 0 or step == end - 1):
                 metrics.write(record)
+            if log_lines and (step % cfg.train.log_every == 0 or step == end - 1):
+                log.info("step %d/%d  loss %.4f  lr %.2e  sub %s  %.0f img/s", step, end, terms["loss"], s["lr"],
+                         sub, ips)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{s['lr']:.2e}", sub=str(sub), ips=f"{ips:.0f}")

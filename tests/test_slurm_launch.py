@@ -1,0 +1,204 @@
+"""`poa submit` (submitit) and the sbatch scripts, run on a real single-node Slurm cluster.
+
+Every job here is a real 2-task POA training run (CPU, gloo, `dist.engine=ddp`): the
+process group comes from Slurm's variables, and the tests requeue, signal and cancel
+the running job through Slurm itself (`scontrol requeue`, `scancel`).
+The cluster is the session fixture `slurm_cluster` (tests/slurm_cluster.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from poa_hpc.cli import main
+from poa_hpc.train.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slurm
+pytest.importorskip("submitit")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=4", "model.num_heads=4",
+    "model.elastic.min_width=16", "model.elastic.width_step=8", "model.elastic.min_depth=2",
+    "head.prototypes=[32,48]", "head.hidden_dim=32", "head.bottleneck_dim=16",
+    "data.digits_size=16", "data.global_size=16", "data.local_size=8", "data.n_local=2",
+    "optim.batch_size=8", "optim.iters_per_epoch=10", "optim.warmup_epochs=1",
+    "loss.ibot_start_epoch=1", "loss.warmup_teacher_temp_epochs=1", "data.num_workers=0",
+    "train.log_every=1", "dist.engine=ddp",
+]
+SUBMIT = ["submit", "--config", "configs/demo_cpu.yaml", "--gpus-per-node", "0", "--tasks-per-node", "2",
+          "--cpus-per-task", "1", "--time", "15"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_task(monkeypatch):
+    # jobs inherit the submitter's environment: two 1-thread tasks on the 2-core node
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+
+
+def _metrics(out: Path) -> list:
+    f = out / "metrics.jsonl"
+    return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()] if f.exists() else []
+
+
+def _submit(capsys, *args: str) -> str:
+    assert main([*SUBMIT, *args]) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    m = re.search(r"submitted Slurm job (\d+)", text)
+    assert m, text
+    return m.group(1)
+
+
+def _wait_step(cluster, job: str, out: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["step"] >= step for r in _metrics(out)):
+            return
+        state = cluster.job_state(job)
+        if state not in (None, "PENDING", "RUNNING", "CONFIGURING"):
+            pytest.fail(f"job {job} is {state} before step {step}:\n{_logs(out, job)}")
+        time.sleep(0.1)
+    pytest.fail(f"job {job} did not reach step {step} in {timeout}s:\n{_logs(out, job)}\n{cluster.log_tail()}")
+
+
+def _logs(out: Path, job: str) -> str:
+    folder = out / "slurm" / job
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                     for p in sorted(folder.glob("*_log.*"))) if folder.exists() else "(no logs)"
+
+
+def _assert_complete_run(out: Path, steps: int) -> dict:
+    assert [r["step"] for r in _metrics(out)] == list(range(steps))  # each step once, none lost or repeated
+    ckpt = load_checkpoint(out / "checkpoints")
+    assert ckpt["step"] == steps and ckpt["world_size"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    return ckpt
+
+
+def test_submit_trains_two_tasks_to_completion(slurm_cluster, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*SUBMIT, "--partition", slurm_cluster.partition, "--wait", *TINY, "optim.epochs=2",
+                 f"train.output_dir={out}"]) == 0
+    text = capsys.readouterr().out
+    job = re.search(r"submitted Slurm job (\d+)", text).group(1)
+    assert "finished: step 20" in text
+    _assert_complete_run(out, 20)
+    logs = sorted(p.name for p in (out / "slurm" / job).glob("*_log.out"))
+    assert logs == [f"{job}_0_log.out", f"{job}_1_log.out"]  # one log per task
+    assert "2 ranks" in (out / "slurm" / job / f"{job}_0_log.err").read_text()  # one process group of 2
+    assert (out / "submitted_config.yaml").exists() and (out / "config.yaml").exists()
+
+
+def test_scontrol_requeue_mid_run_resumes_from_the_checkpoint(slurm_cluster, tmp_path, capsys):
+    out = tmp_path / "run"
+    job = _submit(capsys, "--partition", slurm_cluster.partition, *TINY, "optim.epochs=6",
+                  "train.checkpoint_every=1000", f"train.output_dir={out}")
+    _wait_step(slurm_cluster, job, out, 8)
+    slurm_cluster.scontrol("requeue", job)  # SIGTERM to every task, then the job runs again
+    assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", _logs(out, job)
+    assert slurm_cluster.job_info(job).get("Restarts") == "1"
+    _assert_complete_run(out, 60)
+    log0 = (out / "slurm" / job / f"{job}_0_log.err").read_text()
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", log0)
+    resumed = re.search(r"resumed from .* at step (\d+)", log0)
+    assert stopped and resumed, log0[-3000:]
+    assert int(resumed.group(1)) == int(stopped.group(1)) + 1 >= 9  # nothing lost but the step in flight
+
+
+def test_time_limit_signal_checkpoints_and_requeues_itself(slurm_cluster, tmp_path, capsys):
+    """USR2 (what --signal sends before the time limit, and on preemption): rank 0 requeues the job."""
+    out = tmp_path / "run"
+    job = _submit(capsys, "--partition", slurm_cluster.partition, *TINY, "optim.epochs=6",
+                  "train.checkpoint_every=1000", f"train.output_dir={out}")
+    _wait_step(slurm_cluster, job, out, 8)
+    slurm_cluster.scancel("--signal=USR2", job)  # to every task of the job's steps, as --signal=USR2@T
+    assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", _logs(out, job)
+    assert slurm_cluster.job_info(job).get("Restarts") == "1"
+    _assert_complete_run(out, 60)
+    log0 = (out / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert "stopped by SIGUSR2" in log0 and f"requeued Slurm job {job}" in log0
+
+
+def test_preempted_by_a_higher_priority_job_then_resumes(slurm_cluster, tmp_path, capsys):
+    """A job of the 'urgent' partition preempts the run (PreemptMode=REQUEUE): it checkpoints, waits, resumes."""
+    out = tmp_path / "run"
+    job = _submit(capsys, "--partition", slurm_cluster.partition, *TINY, "optim.epochs=6",
+                  "train.checkpoint_every=1000", f"train.output_dir={out}")
+    _wait_step(slurm_cluster, job, out, 8)
+    urgent_script = tmp_path / "urgent.sh"
+    urgent_script.write_text("#!/bin/bash\nsleep 2\n")
+    urgent = slurm_cluster.sbatch(urgent_script, f"--partition={slurm_cluster.preempt_partition}", "--ntasks=2",
+                                  f"--output={tmp_path / 'urgent.txt'}")
+    assert slurm_cluster.wait_done(urgent, timeout=60) == "COMPLETED"
+    assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", _logs(out, job)
+    assert slurm_cluster.job_info(job).get("Restarts") == "1"
+    _assert_complete_run(out, 60)
+    log0 = (out / "slurm" / job / f"{job}_0_log.err").read_text()
+    stopped = re.search(r"stopped by (SIGUSR2|SIGTERM) after step (\d+)", log0)
+    resumed = re.search(r"resumed from .* at step (\d+)", log0)
+    assert stopped and resumed and int(resumed.group(1)) == int(stopped.group(2)) + 1, log0[-3000:]
+
+
+def test_scancel_leaves_a_valid_checkpoint(slurm_cluster, tmp_path, capsys):
+    out = tmp_path / "run"
+    job = _submit(capsys, "--partition", slurm_cluster.partition, *TINY, "optim.epochs=6",
+                  "train.checkpoint_every=1000", f"train.output_dir={out}")
+    _wait_step(slurm_cluster, job, out, 5)
+    slurm_cluster.scancel(job)
+    assert slurm_cluster.wait_done(job, timeout=60) == "CANCELLED"
+    ckpt = load_checkpoint(out / "checkpoints")
+    assert 5 < ckpt["step"] < 60
+    assert [r["step"] for r in _metrics(out)] == list(range(ckpt["step"]))  # every logged step is in it
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    # and it is usable: a sub-network extracts from it
+    assert main(["extract", str(out / "checkpoints" / "last.pt"), "--width", "16", "--depth", "2",
+                 "-o", str(tmp_path / "s.safetensors")]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--partition", "nosuch"], "invalid partition"),
+    (["--cpus-per-task", "999"], "More processors requested than permitted"),
+    (["--nodes", "2", "--tasks-per-node", "1"], "Node count specification invalid"),
+])
+def test_impossible_jobs_fail_with_slurms_message(slurm_cluster, tmp_path, capsys, args, message):
+    t0 = time.monotonic()
+    code = main([*SUBMIT, *args, *TINY, f"train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Slurm refused the job" in err and message.lower() in err.lower(), err
+    assert "Traceback" not in err and time.monotonic() - t0 < 30
+
+
+def test_sbatch_srun_script(slurm_cluster, tmp_path):
+    out = tmp_path / "run"
+    env = {**slurm_cluster.env, "POA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    job = _sbatch(slurm_cluster, "train_srun.sbatch", tmp_path, env, ["--ntasks-per-node=2", "--cpus-per-task=1"], out)
+    assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", (tmp_path / "job.out").read_text()
+    _assert_complete_run(out, 20)
+
+
+def test_sbatch_torchrun_script(slurm_cluster, tmp_path):
+    out = tmp_path / "run"
+    env = {**slurm_cluster.env, "POA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "POA_PROCS_PER_NODE": "2"}
+    job = _sbatch(slurm_cluster, "train_torchrun.sbatch", tmp_path, env, ["--cpus-per-task=2"], out)
+    assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", (tmp_path / "job.out").read_text()
+    _assert_complete_run(out, 20)
+
+
+def _sbatch(cluster, script: str, tmp_path: Path, env: dict, resources: list, out: Path) -> str:
+    """sbatch a repository script the way README shows, with CPU resources instead of GPUs."""
+    r = cluster.run(
+        "sbatch", "--parsable", "--partition", cluster.partition, "--gpus-per-node=0", *resources, "--time=15",
+        f"--output={tmp_path / 'job.out'}", str(REPO / "slurm" / script),
+        "configs/demo_cpu.yaml", *TINY, "optim.epochs=2", "train.progress=false", "train.device=cpu",
+        f"train.output_dir={out}",
+        env=env, cwd=REPO,
+    )
+    return r.stdout.strip().split(";")[0]
