@@ -97,61 +97,55 @@ def test_submit_trains_two_tasks_to_completion(slurm_cluster, tmp_path, capsys):
     assert (out / "submitted_config.yaml").exists() and (out / "config.yaml").exists()
 
 
-def test_scontrol_requeue_mid_run_resumes_from_the_checkpoint(slurm_cluster, tmp_path, capsys):
+def _running_job(cluster, capsys, tmp_path: Path, at_step: int = 8):
+    """A 60-step 2-task run (no periodic checkpoint before the end), once it has logged ``at_step``."""
     out = tmp_path / "run"
-    job = _submit(capsys, "--partition", slurm_cluster.partition, *TINY, "optim.epochs=6",
+    job = _submit(capsys, "--partition", cluster.partition, *TINY, "optim.epochs=6",
                   "train.checkpoint_every=1000", f"train.output_dir={out}")
-    _wait_step(slurm_cluster, job, out, 8)
-    slurm_cluster.scontrol("requeue", job)  # SIGTERM to every task, then the job runs again
-    assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", _logs(out, job)
-    assert slurm_cluster.job_info(job).get("Restarts") == "1"
+    _wait_step(cluster, job, out, at_step)
+    return job, out
+
+
+def _assert_resumed_to_the_end(cluster, job: str, out: Path, signals: str) -> str:
+    """The job ran a second time, resumed from the step the signal stopped it at, and finished."""
+    assert cluster.wait_done(job, timeout=240) == "COMPLETED", _logs(out, job)
+    assert cluster.job_info(job).get("Restarts") == "1"
     _assert_complete_run(out, 60)
     log0 = (out / "slurm" / job / f"{job}_0_log.err").read_text()
-    stopped = re.search(r"stopped by SIGTERM after step (\d+)", log0)
+    stopped = re.search(rf"stopped by ({signals}) after step (\d+)", log0)
     resumed = re.search(r"resumed from .* at step (\d+)", log0)
     assert stopped and resumed, log0[-3000:]
-    assert int(resumed.group(1)) == int(stopped.group(1)) + 1 >= 9  # nothing lost but the step in flight
+    assert int(resumed.group(1)) == int(stopped.group(2)) + 1 >= 9  # nothing lost but the step in flight
+    return log0
+
+
+def test_scontrol_requeue_mid_run_resumes_from_the_checkpoint(slurm_cluster, tmp_path, capsys):
+    job, out = _running_job(slurm_cluster, capsys, tmp_path)
+    slurm_cluster.scontrol("requeue", job)  # SIGTERM to every task, then the job runs again
+    _assert_resumed_to_the_end(slurm_cluster, job, out, "SIGTERM")
 
 
 def test_time_limit_signal_checkpoints_and_requeues_itself(slurm_cluster, tmp_path, capsys):
-    """USR2 (what --signal sends before the time limit, and on preemption): rank 0 requeues the job."""
-    out = tmp_path / "run"
-    job = _submit(capsys, "--partition", slurm_cluster.partition, *TINY, "optim.epochs=6",
-                  "train.checkpoint_every=1000", f"train.output_dir={out}")
-    _wait_step(slurm_cluster, job, out, 8)
+    """USR2 (what --signal sends before the time limit): rank 0 requeues the job itself."""
+    job, out = _running_job(slurm_cluster, capsys, tmp_path)
     slurm_cluster.scancel("--signal=USR2", job)  # to every task of the job's steps, as --signal=USR2@T
-    assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", _logs(out, job)
-    assert slurm_cluster.job_info(job).get("Restarts") == "1"
-    _assert_complete_run(out, 60)
-    log0 = (out / "slurm" / job / f"{job}_0_log.err").read_text()
-    assert "stopped by SIGUSR2" in log0 and f"requeued Slurm job {job}" in log0
+    log0 = _assert_resumed_to_the_end(slurm_cluster, job, out, "SIGUSR2")
+    assert f"requeued Slurm job {job}" in log0
 
 
 def test_preempted_by_a_higher_priority_job_then_resumes(slurm_cluster, tmp_path, capsys):
     """A job of the 'urgent' partition preempts the run (PreemptMode=REQUEUE): it checkpoints, waits, resumes."""
-    out = tmp_path / "run"
-    job = _submit(capsys, "--partition", slurm_cluster.partition, *TINY, "optim.epochs=6",
-                  "train.checkpoint_every=1000", f"train.output_dir={out}")
-    _wait_step(slurm_cluster, job, out, 8)
+    job, out = _running_job(slurm_cluster, capsys, tmp_path)
     urgent_script = tmp_path / "urgent.sh"
     urgent_script.write_text("#!/bin/bash\nsleep 2\n")
     urgent = slurm_cluster.sbatch(urgent_script, f"--partition={slurm_cluster.preempt_partition}", "--ntasks=2",
                                   f"--output={tmp_path / 'urgent.txt'}")
     assert slurm_cluster.wait_done(urgent, timeout=60) == "COMPLETED"
-    assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", _logs(out, job)
-    assert slurm_cluster.job_info(job).get("Restarts") == "1"
-    _assert_complete_run(out, 60)
-    log0 = (out / "slurm" / job / f"{job}_0_log.err").read_text()
-    stopped = re.search(r"stopped by (SIGUSR2|SIGTERM) after step (\d+)", log0)
-    resumed = re.search(r"resumed from .* at step (\d+)", log0)
-    assert stopped and resumed and int(resumed.group(1)) == int(stopped.group(2)) + 1, log0[-3000:]
+    _assert_resumed_to_the_end(slurm_cluster, job, out, "SIGUSR2|SIGTERM")
 
 
 def test_scancel_leaves_a_valid_checkpoint(slurm_cluster, tmp_path, capsys):
-    out = tmp_path / "run"
-    job = _submit(capsys, "--partition", slurm_cluster.partition, *TINY, "optim.epochs=6",
-                  "train.checkpoint_every=1000", f"train.output_dir={out}")
-    _wait_step(slurm_cluster, job, out, 5)
+    job, out = _running_job(slurm_cluster, capsys, tmp_path, at_step=5)
     slurm_cluster.scancel(job)
     assert slurm_cluster.wait_done(job, timeout=60) == "CANCELLED"
     ckpt = load_checkpoint(out / "checkpoints")

@@ -1,4 +1,4 @@
-"""The POA training loop (single process; engines for sharded training plug in later).
+"""The POA training loop, the same for every engine (none, ddp, FSDP2, DeepSpeed).
 
 Exact resume: everything random in a step is a pure function of
 (seed, rank, step) — the batch and its augmentations, the iBOT masks, the
