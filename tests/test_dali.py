@@ -89,13 +89,30 @@ def _take(loader, n: int) -> List[dict]:
 
 
 def test_crop_box_matches_torchvision_fallback():
-    """Where no random box fits (a 1000x10 strip), both fall back to the same centred box."""
+    """Where no random box fits (a strip), both fall back to the same centred box."""
     rng = np.random.default_rng(0)
-    img = Image.new("RGB", (1000, 10))
-    for scale in ((0.32, 1.0), (0.05, 0.32)):
-        ours = D.random_resized_crop_box(1000, 10, scale, (3 / 4, 4 / 3), rng)
-        theirs = RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
-        assert ours == tuple(theirs)
+    draw = D.ViewParamSampler(multicrop_view_specs(224, 96, 2))  # global (0.32, 1) and local (0.05, 0.32) scales
+    for size in ((1000, 10), (10, 1000)):
+        img = Image.new("RGB", size)
+        P = draw(*size, rng)
+        for spec, p in zip(draw.specs, P):
+            i, j, h, w = RandomResizedCrop.get_params(img, list(spec.scale), list(spec.ratio))
+            assert tuple(p[:4]) == (i, j, i + h, j + w)
+
+
+def test_crop_box_distribution_matches_torchvision():
+    """Area fraction and aspect ratio of the boxes: same quartiles as torchvision's get_params."""
+    torch.manual_seed(0)
+    img = Image.new("RGB", (500, 375))
+    spec = multicrop_view_specs(224, 96, 8)[2]  # local: scale (0.05, 0.32)
+    theirs = np.array([RandomResizedCrop.get_params(img, list(spec.scale), list(spec.ratio)) for _ in range(3000)])
+    P = D.ViewParamSampler([spec] * 3000)(500, 375, np.random.default_rng(0))
+    ours_h, ours_w = P[:, D.P_Y1] - P[:, D.P_Y0], P[:, D.P_X1] - P[:, D.P_X0]
+    for a, b in ((ours_h * ours_w, theirs[:, 2] * theirs[:, 3]), (ours_w / ours_h, theirs[:, 3] / theirs[:, 2])):
+        qa, qb = np.quantile(a, [0.25, 0.5, 0.75]), np.quantile(b, [0.25, 0.5, 0.75])
+        assert np.allclose(qa, qb, rtol=0.05), (qa, qb)
+    centre_y = (P[:, D.P_Y0] + P[:, D.P_Y1]) / 2
+    assert abs(centre_y.mean() - (theirs[:, 0] + theirs[:, 2] / 2).mean()) < 5  # positions uniform alike
 
 
 def test_view_params_follow_configured_distributions():
@@ -103,7 +120,7 @@ def test_view_params_follow_configured_distributions():
     spec = multicrop_view_specs(224, 96, 8)[1]  # global view 2: blur 0.1, solarize 0.2
     rng = np.random.default_rng(0)
     n = 4000
-    P = np.stack([D.sample_view_params(spec, 500, 375, rng) for _ in range(n)])
+    P = np.concatenate([D.ViewParamSampler([spec] * 100)(500, 375, rng) for _ in range(n // 100)])
 
     def check_rate(mask: np.ndarray, p: float) -> None:
         tol = 5 * math.sqrt(p * (1 - p) / n)
@@ -131,8 +148,24 @@ def test_view_params_follow_configured_distributions():
     assert (w / h).min() >= 3 / 4 - 0.02 and (w / h).max() <= 4 / 3 + 0.02
     # global view 1 never solarizes and always blurs
     spec1 = multicrop_view_specs(224, 96, 8)[0]
-    P1 = np.stack([D.sample_view_params(spec1, 500, 375, rng) for _ in range(500)])
+    P1 = D.ViewParamSampler([spec1] * 500)(500, 375, rng)
     assert (P1[:, D.P_SOLARIZE] == 0).all() and (P1[:, D.P_BLUR] == 1).all()
+
+
+def test_probe_image_reads_sizes_like_pillow(image_set, tmp_path):
+    """Header-only sizes (a fast JPEG marker walk, Pillow otherwise) equal Pillow's for every readable file."""
+    root, special = image_set
+    rgb = _smooth_rgb(np.random.default_rng(3), 123, 77)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotated (the size stays the stored one, as DALI decodes it here)
+    Image.fromarray(rgb).save(tmp_path / "progressive.jpg", progressive=True, quality=80)
+    Image.fromarray(rgb).save(tmp_path / "exif.jpg", exif=exif.tobytes())
+    files = [p for p in [*root.rglob("*.*"), tmp_path / "progressive.jpg", tmp_path / "exif.jpg"]
+             if p not in (special["truncated"], special["text"])]
+    assert len(files) >= 25
+    for f in files:
+        with Image.open(f) as im:
+            assert D.probe_image(f.read_bytes()) == im.size, f
 
 
 def test_probe_image_rejects_bad_files(image_set):
@@ -194,7 +227,7 @@ def test_pipeline_applies_drawn_parameters(tmp_path, monkeypatch, case):
     c = CASES[case]
     box = (30, 50, 30 + 120, 50 + 150)  # y0, x0, y1, x1: a non-square box, so swapped axes would show
 
-    def fixed(spec, width, height, rng):
+    def fixed_view(spec):
         p = np.zeros(D.N_PARAMS, np.float32)
         p[:4] = box
         p[D.P_FLIP] = c.get("flip", 0)
@@ -204,7 +237,8 @@ def test_pipeline_applies_drawn_parameters(tmp_path, monkeypatch, case):
         p[D.P_SOLARIZE] = c.get("solarize", 0) if spec.p_solarize > 0 else 0
         return p
 
-    monkeypatch.setattr(D, "sample_view_params", fixed)
+    monkeypatch.setattr(D.ViewParamSampler, "batch",
+                        lambda self, sizes, rngs: np.stack([[fixed_view(sp) for sp in self.specs] for _ in sizes]))
     specs = multicrop_view_specs(GLOBAL, LOCAL, 1)
     from poa_hpc.data.collate import MultiCropCollator
     from poa_hpc.data.loader import StepBatchSampler
@@ -214,14 +248,14 @@ def test_pipeline_applies_drawn_parameters(tmp_path, monkeypatch, case):
                                    MultiCropCollator(0, GLOBAL // 16), seed=0, num_threads=1)
     batch = _take(loader, 1)[0]
     view2 = batch["global_crops"][2]  # sample 0 of global view 2 (the view that may solarize)
-    ref = _reference_view(img, fixed(specs[1], w, h, None), specs[1])
+    ref = _reference_view(img, fixed_view(specs[1]), specs[1])
     err = (denormalize(view2) - denormalize(ref)).abs()
     if case == "hue":
         # DALI's hue is a rotation about the gray axis in RGB, torchvision's a shift in HSV: the
         # same turn, not the same pixels.  It must be closer to torchvision's +25 degrees than
         # to no rotation, and much closer than to -25 degrees.
         def err_to(hue_deg: float) -> float:
-            q = fixed(specs[1], w, h, None)
+            q = fixed_view(specs[1])
             q[D.P_HUE_DEG] = hue_deg
             return float((denormalize(view2) - denormalize(_reference_view(img, q, specs[1]))).abs().mean())
 

@@ -10,7 +10,7 @@ and keep its contract (see :mod:`poa_hpc.data.loader`):
   rank ``r`` of ``W`` reads the same files at step ``s`` as the torch loader;
 * **how they are augmented**: every random decision (crop box, flip, jitter
   factors, grayscale, blur sigma, solarisation) is drawn on the host by
-  :func:`sample_view_params` from ``(seed, step, position in the global
+  :class:`ViewParamSampler` from ``(seed, step, position in the global
   batch)``; DALI only executes them.  A step's crops are therefore a pure
   function of the step, not of the pipeline's history, so a resumed run and a
   W-rank run see the crops a single uninterrupted process sees.  (They are not
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -53,8 +52,7 @@ __all__ = [
     "DALI_LOADERS",
     "DaliUnavailable",
     "dali_available",
-    "random_resized_crop_box",
-    "sample_view_params",
+    "ViewParamSampler",
     "probe_image",
     "DaliMultiCropLoader",
     "N_PARAMS",
@@ -95,63 +93,114 @@ def dali_available() -> bool:
 # --------------------------------------------------------------------------- host-side parameters
 
 
-def random_resized_crop_box(
-    width: int, height: int, scale: Tuple[float, float], ratio: Tuple[float, float], rng: np.random.Generator
-) -> Tuple[int, int, int, int]:
-    """torchvision's ``RandomResizedCrop.get_params``: ``(top, left, h, w)`` of the crop.
+class ViewParamSampler:
+    """Draws every view's random decisions for one image: a ``(n_views, N_PARAMS)`` float32 array.
 
-    Ten tries at an area fraction ``U(scale)`` and a log-uniform aspect ratio;
-    if none fits, the largest centred box whose aspect lies in ``ratio``.
+    Same distributions as torchvision's transforms for each :class:`ViewSpec`:
+    the crop box as ``RandomResizedCrop.get_params`` (ten tries at an area
+    fraction ``U(scale)`` and a log-uniform aspect ratio, else the largest
+    centred box with an aspect in ``ratio``), flip with ``p_flip``, with
+    ``p_jitter`` brightness and contrast ``U(1 - x, 1 + x)``, saturation
+    ``U(1 - s, 1 + s)`` and hue ``U(-h, h)`` turns (else identity), grayscale with
+    ``p_gray``, blur with ``p_blur`` at sigma ``U(blur_sigma)``, solarisation with
+    ``p_solarize``.  All of an image's views come from one draw of uniforms,
+    vectorised over the views (a few microseconds per image on the host).
     """
-    area = float(width * height)
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+
+    _U = 32  # uniforms per view: 10 areas, 10 log-ratios, top, left, flip, jitter, b, c, s, h, gray, blur, sigma, sol
+
+    def __init__(self, specs: Sequence[ViewSpec]) -> None:
+        self.specs = list(specs)
+
+        def col(f: Any) -> np.ndarray:
+            return np.array([f(sp) for sp in self.specs], dtype=np.float64)[:, None]
+
+        self.scale_lo, self.scale_hi = col(lambda sp: sp.scale[0]), col(lambda sp: sp.scale[1])
+        self.ratio_lo, self.ratio_hi = col(lambda sp: sp.ratio[0]), col(lambda sp: sp.ratio[1])
+        self.p = {k: col(lambda sp, k=k: getattr(sp, k))[:, 0] for k in (
+            "p_flip", "p_jitter", "brightness", "contrast", "saturation", "hue", "p_gray", "p_blur", "p_solarize")}
+        self.sigma_lo, self.sigma_hi = col(lambda sp: sp.blur_sigma[0])[:, 0], col(lambda sp: sp.blur_sigma[1])[:, 0]
+
+    def __call__(self, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+        return self.batch([(width, height)], [rng])[0]
+
+    def batch(self, sizes: Sequence[Tuple[int, int]], rngs: Sequence[np.random.Generator]) -> np.ndarray:
+        """``(B, n_views, N_PARAMS)`` for B images of ``sizes`` (width, height), image ``b`` drawn from ``rngs[b]``.
+
+        Each image's decisions depend on its own generator only; the arithmetic
+        is vectorised over the whole batch.
+        """
+        V = len(self.specs)
+        u = np.stack([r.random((V, self._U)) for r in rngs])  # (B, V, U)
+        wh = np.asarray(sizes, dtype=np.float64)
+        W, H = wh[:, 0:1], wh[:, 1:2]  # (B, 1): broadcast over the views
+        # crop box: the first of ten tries that fits, as torchvision
+        area = (W * H)[..., None] * (self.scale_lo + (self.scale_hi - self.scale_lo) * u[..., 0:10])
+        log_lo, log_hi = np.log(self.ratio_lo), np.log(self.ratio_hi)
+        aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 10:20])
+        w = np.round(np.sqrt(area * aspect))
+        h = np.round(np.sqrt(area / aspect))
+        ok = (w > 0) & (w <= W[..., None]) & (h > 0) & (h <= H[..., None])
+        first = ok.argmax(axis=-1)[..., None]
+        w, h = np.take_along_axis(w, first, -1)[..., 0], np.take_along_axis(h, first, -1)[..., 0]
+        found = ok.any(axis=-1)
+        top = np.floor(u[..., 20] * (H - h + 1))
+        left = np.floor(u[..., 21] * (W - w + 1))
+        if not found.all():  # centred fallback
+            rmin, rmax = self.ratio_lo[:, 0], self.ratio_hi[:, 0]
+            in_ratio = W / H
+            fw = np.where(in_ratio < rmin, W, np.where(in_ratio > rmax, np.round(H * rmax), W))
+            fh = np.where(in_ratio < rmin, np.round(W / rmin), H)
+            w, h = np.where(found, w, fw), np.where(found, h, fh)
+            top = np.where(found, top, np.floor((H - h) / 2))
+            left = np.where(found, left, np.floor((W - w) / 2))
+        P = np.zeros(u.shape[:2] + (N_PARAMS,), dtype=np.float32)
+        P[..., P_Y0], P[..., P_X0], P[..., P_Y1], P[..., P_X1] = top, left, top + h, left + w
+        p = self.p
+        P[..., P_FLIP] = u[..., 22] < p["p_flip"]
+        jitter = u[..., 23] < p["p_jitter"]
+        P[..., P_BRIGHTNESS] = np.where(jitter, 1 + p["brightness"] * (2 * u[..., 24] - 1), 1.0)
+        P[..., P_CONTRAST] = np.where(jitter, 1 + p["contrast"] * (2 * u[..., 25] - 1), 1.0)
+        saturation = np.where(jitter, 1 + p["saturation"] * (2 * u[..., 26] - 1), 1.0)
+        P[..., P_HUE_DEG] = np.where(jitter, 360.0 * p["hue"] * (2 * u[..., 27] - 1), 0.0)
+        # grayscale after jitter: saturation 0 projects onto the luma axis
+        P[..., P_SATURATION] = np.where(u[..., 28] < p["p_gray"], 0.0, saturation)
+        blur = u[..., 29] < p["p_blur"]
+        P[..., P_BLUR] = blur
+        P[..., P_SIGMA] = np.where(blur, self.sigma_lo + (self.sigma_hi - self.sigma_lo) * u[..., 30], 0.0)
+        P[..., P_SOLARIZE] = u[..., 31] < p["p_solarize"]
+        return P
 
 
-def sample_view_params(spec: ViewSpec, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
-    """One view's random decisions as a ``(N_PARAMS,)`` float32 vector (see the ``P_*`` indices).
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
-    Same distributions as torchvision's transforms for ``spec``: crop box as
-    ``RandomResizedCrop``, flip with ``p_flip``, with ``p_jitter`` brightness and
-    contrast ``U(1 - x, 1 + x)``, saturation ``U(1 - s, 1 + s)`` and hue
-    ``U(-h, h)`` turns (else identity), grayscale with ``p_gray``, blur with
-    ``p_blur`` at sigma ``U(blur_sigma)``, solarisation with ``p_solarize``.
-    """
-    p = np.zeros(N_PARAMS, dtype=np.float32)
-    top, left, h, w = random_resized_crop_box(width, height, spec.scale, spec.ratio, rng)
-    p[P_Y0], p[P_X0], p[P_Y1], p[P_X1] = top, left, top + h, left + w
-    p[P_FLIP] = float(rng.random() < spec.p_flip)
-    p[P_BRIGHTNESS] = p[P_CONTRAST] = p[P_SATURATION] = 1.0
-    if rng.random() < spec.p_jitter:
-        p[P_BRIGHTNESS] = rng.uniform(1 - spec.brightness, 1 + spec.brightness)
-        p[P_CONTRAST] = rng.uniform(1 - spec.contrast, 1 + spec.contrast)
-        p[P_SATURATION] = rng.uniform(1 - spec.saturation, 1 + spec.saturation)
-        p[P_HUE_DEG] = 360.0 * rng.uniform(-spec.hue, spec.hue)
-    if rng.random() < spec.p_gray:
-        p[P_SATURATION] = 0.0  # grayscale after jitter: saturation 0 projects onto the luma axis
-    if rng.random() < spec.p_blur:
-        p[P_BLUR] = 1.0
-        p[P_SIGMA] = rng.uniform(spec.blur_sigma[0], spec.blur_sigma[1])
-    p[P_SOLARIZE] = float(spec.p_solarize > 0 and rng.random() < spec.p_solarize)
-    return p
+
+def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """``(width, height)`` from a JPEG's start-of-frame segment, walking the marker segments; ``None``
+    if the header is not the plain layout this reads (the caller then asks Pillow)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return (width, height) if width > 0 and height > 0 else None
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _check_jpeg_end(data: bytes) -> None:
+    eoi = data.rfind(_JPEG_EOI)
+    if eoi < 0 or len(data) - (eoi + 2) > _MAX_TRAILER:
+        raise ValueError("truncated JPEG (no end-of-image marker at the end)")
 
 
 def probe_image(data: bytes) -> Tuple[int, int]:
@@ -163,6 +212,10 @@ def probe_image(data: bytes) -> Tuple[int, int]:
     """
     if not data:
         raise ValueError("empty file")
+    size = _jpeg_size(data)  # the common case, without Pillow's overhead
+    if size is not None:
+        _check_jpeg_end(data)
+        return size
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt, (width, height) = img.format, img.size
@@ -172,9 +225,7 @@ def probe_image(data: bytes) -> Tuple[int, int]:
     if fmt not in _DALI_FORMATS:
         raise ValueError(f"image format {fmt} is not decoded by DALI")
     if fmt in ("JPEG", "MPO"):
-        eoi = data.rfind(_JPEG_EOI)
-        if eoi < 0 or len(data) - (eoi + 2) > _MAX_TRAILER:
-            raise ValueError("truncated JPEG (no end-of-image marker at the end)")
+        _check_jpeg_end(data)
     elif fmt == "PNG" and data.rfind(_PNG_IEND, max(0, len(data) - 64)) < 0:
         raise ValueError("truncated PNG (no IEND chunk)")
     if width <= 0 or height <= 0:
@@ -209,11 +260,13 @@ class _StepSource:
         self.labels = labels
         self.sampler = sampler
         self.specs = list(specs)
+        self.draw = ViewParamSampler(self.specs)
         self.seed = int(seed)
         self.start_step = int(start_step)
         self.bad = bad  # shared with the loader: indices known to be unreadable
         self.max_tries = max_tries
-        self.pool = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="poa-dali-io")
+        self.io_threads = max(1, io_threads)
+        self.pool = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="poa-dali-io")
         self.warned: Set[int] = set()
 
     def _read(self, index: int) -> Tuple[bytes, int, int]:
@@ -246,18 +299,23 @@ class _StepSource:
             "is the data set intact and its file system mounted?"
         )
 
+    def _load_many(self, indices: Sequence[int]) -> List[Tuple[int, int, bytes, int, int]]:
+        return [self._load(i) for i in indices]
+
     def batch_for_step(self, step: int) -> List[Any]:
         keys = self.sampler.batch_for_step(step)
-        loaded = list(self.pool.map(self._load, [k.index for k in keys]))
-        encoded, meta = [], []
-        params: List[List[np.ndarray]] = [[] for _ in self.specs]
-        for key, (index, skipped, data, width, height) in zip(keys, loaded):
-            encoded.append(np.frombuffer(data, dtype=np.uint8))
-            meta.append(np.array([self.labels[index], index, skipped, key.pos, step], dtype=np.int64))
-            rng = np.random.default_rng(derive_seed(self.seed, DALI_AUG_STREAM, step, key.pos))
-            for v, spec in enumerate(self.specs):
-                params[v].append(sample_view_params(spec, width, height, rng))
-        return [encoded, meta, *params]
+        # a few chunks per I/O thread: parallel reads (network file systems) without a future per file
+        n_chunks = min(len(keys), 4 * self.io_threads)
+        chunks = [[k.index for k in keys[c::n_chunks]] for c in range(n_chunks)]
+        loaded: List[Any] = [None] * len(keys)
+        for c, items in enumerate(self.pool.map(self._load_many, chunks)):
+            loaded[c::n_chunks] = items
+        encoded = [np.frombuffer(data, dtype=np.uint8) for _, _, data, _, _ in loaded]
+        meta = [np.array([self.labels[index], index, skipped, key.pos, step], dtype=np.int64)
+                for key, (index, skipped, _, _, _) in zip(keys, loaded)]
+        rngs = [np.random.default_rng(derive_seed(self.seed, DALI_AUG_STREAM, step, k.pos)) for k in keys]
+        views = self.draw.batch([(w, h) for _, _, _, w, h in loaded], rngs)  # (B, V, N_PARAMS)
+        return [encoded, meta, *(list(views[:, v]) for v in range(len(self.specs)))]
 
     def __call__(self, info: Any) -> List[Any]:
         return self.batch_for_step(self.start_step + int(info.iteration))
