@@ -133,6 +133,25 @@ def test_time_limit_signal_checkpoints_and_requeues_itself(slurm_cluster, tmp_pa
     assert f"requeued Slurm job {job}" in log0
 
 
+def test_real_time_limit_checkpoints_requeues_and_finishes_over_several_runs(slurm_cluster, tmp_path, capsys):
+    """A run longer than its 2-minute limit: Slurm's USR2 (90 s before the limit) stops each run with a
+    checkpoint, rank 0 requeues, and the job finishes after as many runs as it needs."""
+    out = tmp_path / "run"
+    steps = 1000  # ~70 s of training here: longer than the first run gets (Slurm signals 30-60 s in)
+    assert main([*SUBMIT, "--partition", slurm_cluster.partition, "--time", "2", "--signal-delay", "90",
+                 *TINY, f"optim.epochs={steps // 10}", "train.checkpoint_every=100000", "train.log_every=10",
+                 f"train.output_dir={out}"]) == 0
+    job = re.search(r"submitted Slurm job (\d+)", capsys.readouterr().out).group(1)
+    assert slurm_cluster.wait_done(job, timeout=600) == "COMPLETED", _logs(out, job)
+    restarts = int(slurm_cluster.job_info(job).get("Restarts", "0"))
+    log0 = (out / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert restarts >= 1, f"the run finished before Slurm's time-limit signal; make it longer\n{log0[-2000:]}"
+    assert log0.count("stopped by SIGUSR2") == restarts and log0.count(f"requeued Slurm job {job}") == restarts
+    ckpt = load_checkpoint(out / "checkpoints")
+    assert ckpt["step"] == steps
+    assert [r["step"] for r in _metrics(out)] == list(range(0, steps, 10)) + [steps - 1]
+
+
 def test_preempted_by_a_higher_priority_job_then_resumes(slurm_cluster, tmp_path, capsys):
     """A job of the 'urgent' partition preempts the run (PreemptMode=REQUEUE): it checkpoints, waits, resumes."""
     job, out = _running_job(slurm_cluster, capsys, tmp_path)
