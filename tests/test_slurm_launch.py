@@ -205,12 +205,31 @@ def test_sbatch_torchrun_script(slurm_cluster, tmp_path):
     _assert_complete_run(out, 20)
 
 
-def _sbatch(cluster, script: str, tmp_path: Path, env: dict, resources: list, out: Path) -> str:
+def test_sbatch_torchrun_script_requeues_on_the_time_limit_signal(slurm_cluster, tmp_path):
+    """USR2 to the batch shell (--signal=B:USR2@120): it requeues; torchrun's workers checkpoint on the SIGTERM."""
+    out = tmp_path / "run"
+    env = {**slurm_cluster.env, "POA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "POA_PROCS_PER_NODE": "2"}
+    job = _sbatch(slurm_cluster, "train_torchrun.sbatch", tmp_path, env, ["--cpus-per-task=2"], out,
+                  ["optim.epochs=6", "train.checkpoint_every=1000"])
+    _wait_step(slurm_cluster, job, out, 8)
+    slurm_cluster.scancel("--batch", "--signal=USR2", job)
+    text = lambda: (tmp_path / "job.out").read_text()  # noqa: E731
+    assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", text()
+    assert slurm_cluster.job_info(job).get("Restarts") == "1"
+    _assert_complete_run(out, 60)
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", text())
+    resumed = re.search(r"resumed from .* at step (\d+)", text())
+    assert "requeueing job" in text() and stopped and resumed, text()[-3000:]
+    assert int(resumed.group(1)) == int(stopped.group(1)) + 1
+
+
+def _sbatch(cluster, script: str, tmp_path: Path, env: dict, resources: list, out: Path,
+            extra=("optim.epochs=2",)) -> str:
     """sbatch a repository script the way README shows, with CPU resources instead of GPUs."""
     r = cluster.run(
         "sbatch", "--parsable", "--partition", cluster.partition, "--gpus-per-node=0", *resources, "--time=15",
         f"--output={tmp_path / 'job.out'}", str(REPO / "slurm" / script),
-        "configs/demo_cpu.yaml", *TINY, "optim.epochs=2", "train.progress=false", "train.device=cpu",
+        "configs/demo_cpu.yaml", *TINY, *extra, "train.progress=false", "train.device=cpu",
         f"train.output_dir={out}",
         env=env, cwd=REPO,
     )

@@ -220,7 +220,8 @@ def probe_image(data: bytes) -> Tuple[int, int]:
         with Image.open(io.BytesIO(data)) as img:
             fmt, (width, height) = img.format, img.size
     except Exception as exc:
-        reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
+        unknown = isinstance(exc, UnidentifiedImageError)
+        reason = "not a recognised image format" if unknown else f"{type(exc).__name__}: {exc}"
         raise ValueError(f"not a readable image ({reason})") from None
     if fmt not in _DALI_FORMATS:
         raise ValueError(f"image format {fmt} is not decoded by DALI")
