@@ -308,26 +308,10 @@ def test_grayscale_cmyk_png_decode_like_pillow(image_set):
     root, special = image_set
     for name in ("gray", "cmyk", "png"):
         data = special[name].read_bytes()
-        ours = _decode_cpu(data)
+        ours = D._decode_one(data, None).astype(np.float32)
         ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.float32)
         assert ours.shape == ref.shape
         assert np.abs(ours - ref).mean() < 2.0, name  # IDCT rounding differs; content is the same
-
-
-def _decode_cpu(data: bytes) -> np.ndarray:
-    from nvidia.dali import fn, pipeline_def, types
-
-    sample = [np.frombuffer(data, np.uint8)]
-
-    @pipeline_def
-    def one():
-        return fn.decoders.image(fn.external_source(source=lambda: sample, batch=True), device="cpu",
-                                 output_type=types.RGB)
-
-    pipe = one(batch_size=1, num_threads=1, device_id=None)
-    pipe.build()
-    (out,) = pipe.run()
-    return np.array(out[0]).astype(np.float32)
 
 
 def test_deterministic_and_resumable(image_set):

@@ -41,7 +41,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tupl
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 
+from .datasets import RobustDataset
 from .loader import StepBatchSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, derive_seed
 
@@ -55,6 +57,7 @@ __all__ = [
     "ViewParamSampler",
     "probe_image",
     "DaliMultiCropLoader",
+    "EncodedImageFiles",
     "N_PARAMS",
 ]
 
@@ -237,6 +240,38 @@ def probe_image(data: bytes) -> Tuple[int, int]:
 # --------------------------------------------------------------------------- the host source
 
 
+class EncodedImageFiles(Dataset):
+    """Image files as ``((encoded bytes, width, height), label)``, header-checked; raises for a bad file.
+
+    A file whose header check fails, or that is in ``bad`` (DALI failed on it),
+    raises ``ValueError`` and joins ``bad``; wrapped in
+    :class:`~poa_hpc.data.datasets.RobustDataset` it is skipped, replaced and
+    counted exactly as the torch loader does.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], bad: Set[int], root: str = "") -> None:
+        self.paths, self.labels, self.bad = paths, labels, bad
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+    def __getitem__(self, index: int) -> Tuple[Tuple[bytes, int, int], int]:
+        if index in self.bad:
+            raise ValueError("DALI cannot decode it")
+        try:
+            with open(self.paths[index], "rb") as f:
+                data = f.read()
+            width, height = probe_image(data)
+        except (OSError, ValueError):
+            self.bad.add(index)
+            raise
+        return (data, width, height), self.labels[index]
+
+
 class _StepSource:
     """DALI ``external_source`` callback: the encoded files and view parameters of one step.
 
@@ -247,60 +282,29 @@ class _StepSource:
 
     def __init__(
         self,
-        paths: Sequence[str],
-        labels: Sequence[int],
+        files: RobustDataset,
         sampler: StepBatchSampler,
         specs: Sequence[ViewSpec],
         seed: int,
         start_step: int,
-        bad: Set[int],
         io_threads: int,
-        max_tries: int = 32,
     ) -> None:
-        self.paths = paths
-        self.labels = labels
+        self.files = files
         self.sampler = sampler
         self.specs = list(specs)
         self.draw = ViewParamSampler(self.specs)
         self.seed = int(seed)
         self.start_step = int(start_step)
-        self.bad = bad  # shared with the loader: indices known to be unreadable
-        self.max_tries = max_tries
         self.io_threads = max(1, io_threads)
         self.pool = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="poa-dali-io")
-        self.warned: Set[int] = set()
 
-    def _read(self, index: int) -> Tuple[bytes, int, int]:
-        with open(self.paths[index], "rb") as f:
-            data = f.read()
-        width, height = probe_image(data)
-        return data, width, height
+    def _load(self, index: int) -> Tuple[int, int, bytes, int, int, int]:
+        """``(index used, skipped, bytes, width, height, label)``: the next readable file from ``index`` on."""
+        item = self.files[index]
+        data, width, height = item.image
+        return item.index, item.n_skipped, data, width, height, item.label
 
-    def _mark_bad(self, index: int, reason: str) -> None:
-        self.bad.add(index)
-        if index not in self.warned:
-            self.warned.add(index)
-            logger.warning("skipping unreadable image %s (%s)", self.paths[index], reason)
-
-    def _load(self, index: int) -> Tuple[int, int, bytes, int, int]:
-        """``(index used, skipped, bytes, width, height)``: the next readable item from ``index`` on."""
-        n = len(self.paths)
-        for k in range(min(self.max_tries, n)):
-            i = (index + k) % n
-            if i in self.bad:
-                continue
-            try:
-                data, width, height = self._read(i)
-            except (OSError, ValueError) as exc:
-                self._mark_bad(i, f"{type(exc).__name__}: {exc}")
-                continue
-            return i, k, data, width, height
-        raise RuntimeError(
-            f"{min(self.max_tries, n)} consecutive images starting at '{self.paths[index]}' could not be read; "
-            "is the data set intact and its file system mounted?"
-        )
-
-    def _load_many(self, indices: Sequence[int]) -> List[Tuple[int, int, bytes, int, int]]:
+    def _load_many(self, indices: Sequence[int]) -> List[Tuple[int, int, bytes, int, int, int]]:
         return [self._load(i) for i in indices]
 
     def batch_for_step(self, step: int) -> List[Any]:
@@ -311,11 +315,11 @@ class _StepSource:
         loaded: List[Any] = [None] * len(keys)
         for c, items in enumerate(self.pool.map(self._load_many, chunks)):
             loaded[c::n_chunks] = items
-        encoded = [np.frombuffer(data, dtype=np.uint8) for _, _, data, _, _ in loaded]
-        meta = [np.array([self.labels[index], index, skipped, key.pos, step], dtype=np.int64)
-                for key, (index, skipped, _, _, _) in zip(keys, loaded)]
+        encoded = [np.frombuffer(data, dtype=np.uint8) for _, _, data, _, _, _ in loaded]
+        meta = [np.array([label, index, skipped, key.pos, step], dtype=np.int64)
+                for key, (index, skipped, _, _, _, label) in zip(keys, loaded)]
         rngs = [np.random.default_rng(derive_seed(self.seed, DALI_AUG_STREAM, step, k.pos)) for k in keys]
-        views = self.draw.batch([(w, h) for _, _, _, w, h in loaded], rngs)  # (B, V, N_PARAMS)
+        views = self.draw.batch([(w, h) for _, _, _, w, h, _ in loaded], rngs)  # (B, V, N_PARAMS)
         return [encoded, meta, *(list(views[:, v]) for v in range(len(self.specs)))]
 
     def __call__(self, info: Any) -> List[Any]:
@@ -413,8 +417,8 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1].strip() if lines else type(exc).__name__
 
 
-def _decode_one(data: bytes, device_id: Optional[int]) -> None:
-    """Decode one encoded image with DALI on the loader's backend; raises if DALI cannot."""
+def _decode_one(data: bytes, device_id: Optional[int]) -> np.ndarray:
+    """One encoded image decoded by DALI on the loader's backend, as HWC uint8 RGB; raises if DALI cannot."""
     from nvidia.dali import fn, pipeline_def, types
 
     sample = [np.frombuffer(data, dtype=np.uint8)]
@@ -427,7 +431,8 @@ def _decode_one(data: bytes, device_id: Optional[int]) -> None:
 
     pipe = one(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1)
     pipe.build()
-    pipe.run()
+    (out,) = pipe.run()
+    return np.array(out.as_cpu()[0] if device_id is not None else out[0])
 
 
 def _to_torch(tl: Any, out: torch.Tensor) -> None:
@@ -486,7 +491,8 @@ class DaliMultiCropLoader:
         self.prefetch = int(prefetch)
         self.root = root
         self.max_rebuilds = int(max_rebuilds)
-        self.bad: Set[int] = set()
+        self.bad: Set[int] = set()  # indices of files found unreadable (header check or DALI)
+        self.files = RobustDataset(EncodedImageFiles(self.paths, self.labels, self.bad, root))
         self.step = sampler.start_step
         self._pipe: Any = None
         self._source: Optional[_StepSource] = None
@@ -503,10 +509,8 @@ class DaliMultiCropLoader:
 
     def _start(self) -> None:
         self._stop()
-        self._source = _StepSource(
-            self.paths, self.labels, self.sampler, self.specs, self.seed, self.step, self.bad,
-            io_threads=max(2, self.num_threads),
-        )
+        self._source = _StepSource(self.files, self.sampler, self.specs, self.seed, self.step,
+                                   io_threads=max(2, self.num_threads))
         self._pipe = _build_pipeline(
             self._source, self.specs, self.sampler.batch_size, self.num_threads, self.device_id, self.seed,
             self.prefetch,
@@ -520,20 +524,16 @@ class DaliMultiCropLoader:
     def __iter__(self) -> "DaliMultiCropLoader":
         return self
 
-    def _find_bad_files(self, step: int) -> List[int]:
-        """Decode this step's files one by one (DALI, same backend); mark and return the ones that fail."""
-        assert self._source is not None
+    def _find_bad_files(self, step: int) -> List[str]:
+        """Decode the files of this step's batch one by one (DALI, same backend); mark the ones that fail."""
         found = []
         for key in self.sampler.batch_for_step(step):
-            i = key.index
-            while i in self.bad:  # the source substituted past known-bad files
-                i = (i + 1) % len(self.paths)
+            item = self.files[key.index]  # the file the source used for this sample
             try:
-                data = self._source._read(i)[0]
-                _decode_one(data, self.device_id)
+                _decode_one(item.image[0], self.device_id)
             except Exception as exc:
-                self._source._mark_bad(i, f"DALI cannot decode it: {_last_line(exc)}")
-                found.append(i)
+                self.bad.add(item.index)
+                found.append(f"{self.paths[item.index]} ({_last_line(exc)})")
         return found
 
     def _run(self) -> Tuple[Any, ...]:
@@ -550,8 +550,8 @@ class DaliMultiCropLoader:
                         f"DALI pipeline failed at step {self.step} reading '{self.root}' and no file of that batch "
                         f"fails to decode on its own: {_last_line(exc)}"
                     ) from exc
-                logger.warning("DALI failed on %d file(s) at step %d; skipping them and redoing the step",
-                               len(bad), self.step)
+                logger.warning("DALI failed at step %d on %s; skipping and redoing the step", self.step,
+                               ", ".join(bad))
         raise AssertionError("unreachable")
 
     def __next__(self) -> Dict[str, Any]:
