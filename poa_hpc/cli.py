@@ -305,7 +305,9 @@ def setup_logging(verbose: bool) -> None:
     """One voice per job: rank 0 logs at INFO, the other ranks only warn (torchrun's or srun's rank)."""
     import os
 
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0") if "SLURM_STEP_NUM_TASKS" in os.environ else "0")
+    from poa_hpc.distributed.env import slurm_launch_env
+
+    rank = os.environ.get("RANK") or (slurm_launch_env() or {}).get("RANK", "0")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if rank != "0" else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 

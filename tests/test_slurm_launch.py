@@ -191,16 +191,14 @@ def test_impossible_jobs_fail_with_slurms_message(slurm_cluster, tmp_path, capsy
 
 def test_sbatch_srun_script(slurm_cluster, tmp_path):
     out = tmp_path / "run"
-    env = {**slurm_cluster.env, "POA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    job = _sbatch(slurm_cluster, "train_srun.sbatch", tmp_path, env, ["--ntasks-per-node=2", "--cpus-per-task=1"], out)
+    job = _sbatch(slurm_cluster, "train_srun.sbatch", tmp_path, ["--ntasks-per-node=2", "--cpus-per-task=1"], out)
     assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", (tmp_path / "job.out").read_text()
     _assert_complete_run(out, 20)
 
 
 def test_sbatch_torchrun_script(slurm_cluster, tmp_path):
     out = tmp_path / "run"
-    env = {**slurm_cluster.env, "POA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "POA_PROCS_PER_NODE": "2"}
-    job = _sbatch(slurm_cluster, "train_torchrun.sbatch", tmp_path, env, ["--cpus-per-task=2"], out)
+    job = _sbatch(slurm_cluster, "train_torchrun.sbatch", tmp_path, ["--cpus-per-task=2"], out)
     assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", (tmp_path / "job.out").read_text()
     _assert_complete_run(out, 20)
 
@@ -208,8 +206,7 @@ def test_sbatch_torchrun_script(slurm_cluster, tmp_path):
 def test_sbatch_torchrun_script_requeues_on_the_time_limit_signal(slurm_cluster, tmp_path):
     """USR2 to the batch shell (--signal=B:USR2@120): it requeues; torchrun's workers checkpoint on the SIGTERM."""
     out = tmp_path / "run"
-    env = {**slurm_cluster.env, "POA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "POA_PROCS_PER_NODE": "2"}
-    job = _sbatch(slurm_cluster, "train_torchrun.sbatch", tmp_path, env, ["--cpus-per-task=2"], out,
+    job = _sbatch(slurm_cluster, "train_torchrun.sbatch", tmp_path, ["--cpus-per-task=2"], out,
                   ["optim.epochs=6", "train.checkpoint_every=1000"])
     _wait_step(slurm_cluster, job, out, 8)
     slurm_cluster.scancel("--batch", "--signal=USR2", job)
@@ -223,9 +220,9 @@ def test_sbatch_torchrun_script_requeues_on_the_time_limit_signal(slurm_cluster,
     assert int(resumed.group(1)) == int(stopped.group(1)) + 1
 
 
-def _sbatch(cluster, script: str, tmp_path: Path, env: dict, resources: list, out: Path,
-            extra=("optim.epochs=2",)) -> str:
-    """sbatch a repository script the way README shows, with CPU resources instead of GPUs."""
+def _sbatch(cluster, script: str, tmp_path: Path, resources: list, out: Path, extra=("optim.epochs=2",)) -> str:
+    """sbatch a repository script the way README shows, with CPU resources instead of GPUs (2 ranks)."""
+    env = {**cluster.env, "POA_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "POA_PROCS_PER_NODE": "2"}
     r = cluster.run(
         "sbatch", "--parsable", "--partition", cluster.partition, "--gpus-per-node=0", *resources, "--time=15",
         f"--output={tmp_path / 'job.out'}", str(REPO / "slurm" / script),

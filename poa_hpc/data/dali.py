@@ -43,6 +43,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from poa_hpc.config import ConfigError
+
 from .datasets import RobustDataset
 from .loader import StepBatchSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, derive_seed
@@ -51,7 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .collate import MultiCropCollator
 
 __all__ = [
-    "DALI_LOADERS",
     "DaliUnavailable",
     "dali_available",
     "ViewParamSampler",
@@ -63,7 +64,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DALI_LOADERS = ("dali", "dali_cpu")
 DALI_AUG_STREAM = 0x44414C49  # "DALI": the per-sample parameter stream of the DALI loaders
 
 # Per-view parameter vector (float32), drawn on the host, executed by DALI.
@@ -81,8 +81,8 @@ _PNG_IEND = b"IEND"
 _MAX_TRAILER = 1 << 12  # bytes allowed after a JPEG's last end-of-image marker (padding)
 
 
-class DaliUnavailable(RuntimeError):
-    """DALI is not installed or cannot run the requested backend here."""
+class DaliUnavailable(ConfigError):
+    """``data.loader`` asks for a DALI backend that cannot run here (a one-line error, like any bad config)."""
 
 
 def dali_available() -> bool:
@@ -501,11 +501,6 @@ class DaliMultiCropLoader:
     @property
     def iters_per_epoch(self) -> int:
         return self.sampler.iters_per_epoch
-
-    @property
-    def n_bad(self) -> int:
-        """Distinct files found unreadable so far (this process)."""
-        return len(self.bad)
 
     def _start(self) -> None:
         self._stop()

@@ -42,14 +42,9 @@ class StopRequest:
     def name(self) -> Optional[str]:
         return None if self.signal is None else signal.Signals(self.signal).name
 
-    def request(self, signum: int) -> None:
+    def _handler(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signal is None:
             self.signal = int(signum)
-
-    def _handler(self, signum: int, frame: Optional[FrameType]) -> None:
-        first = self.signal is None
-        self.request(signum)
-        if first:
             log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
 
     def install(self) -> "StopRequest":
