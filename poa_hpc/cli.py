@@ -2,7 +2,7 @@
 
     poa train   --config CFG [--resume] [--nproc N] [key=value ...]
     poa submit  --config CFG --nodes N --gpus-per-node G --partition P --time T [key=value ...]
-    poa extract CKPT (--width W --depth D | --subnet WxD ... | --all) -o OUT
+    poa extract CKPT (--width W --depth D | --subnet WxD|NAME ... | --all) -o OUT
     poa eval knn SUBNET.safetensors ... [--config CFG] [key=value ...]
     poa subnets --config CFG
     poa demo    [--output-dir DIR] [key=value ...]
@@ -83,12 +83,17 @@ def _load_teacher(ckpt_path: str, which: str):
     return cfg, backbone, int(ckpt.get("step", 0))
 
 
-def _subnets_from_args(args: argparse.Namespace, space) -> List:
+def _subnets_from_args(args: argparse.Namespace, space, named=None) -> List:
+    """The sub-networks named by ``--all`` / ``--subnet WxD|NAME`` / ``--width W --depth D``, checked."""
     from poa_hpc.models.subnets import Subnet
 
     if args.all:
         return space.all()
-    subs = [Subnet.parse(s) for s in (args.subnet or [])]
+    named = named or {}
+    try:
+        subs = [named[s] if s in named else Subnet.parse(s) for s in (args.subnet or [])]
+    except ValueError as exc:
+        raise UsageError(f"{exc} or a named size ({', '.join(named) or 'none in this space'})") from None
     if args.width is not None or args.depth is not None:
         if args.width is None or args.depth is None:
             raise UsageError("--width and --depth go together")
@@ -109,20 +114,20 @@ def extract_to(cfg: POAConfig, backbone, subs, out: Path, single_file: bool, ste
 
     paths = []
     for sub in subs:
-        arch, state = extract_state_dict(backbone, sub.width, sub.depth)
-        path = out if single_file else out / f"vit_{sub.width}x{sub.depth}.safetensors"
-        save_subnet(path, arch, state, width=sub.width, depth=sub.depth, step=step, source=source,
+        arch, state = extract_state_dict(backbone, sub)
+        path = out if single_file else out / f"{backbone.family}_{sub}.safetensors"
+        save_subnet(path, backbone.family, arch, state, width=sub.width, depth=sub.depth, step=step, source=source,
                     config=to_dict(cfg))
         paths.append(path)
     return paths
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from poa_hpc.models.subnets import SubnetSpace
+    from poa_hpc.models.registry import get_backbone
 
     cfg, backbone, step = _load_teacher(args.checkpoint, args.branch)
-    space = SubnetSpace.from_model_config(cfg.model)
-    subs = _subnets_from_args(args, space)
+    spec = get_backbone(cfg.model.arch)
+    subs = _subnets_from_args(args, spec.space(cfg.model.section), spec.named_sizes(cfg.model.section))
     out = Path(args.output)
     single = len(subs) == 1 and out.suffix == ".safetensors"
     if not single and out.suffix == ".safetensors":
@@ -157,20 +162,22 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ subnets
 def cmd_subnets(args: argparse.Namespace) -> int:
-    from poa_hpc.models.subnets import SubnetSpace
-    from poa_hpc.train.meta_arch import vit_arch
-    from poa_hpc.models.vit import count_params, vit_gflops
+    from poa_hpc.models.registry import get_backbone
 
     cfg = load_config(args.config, args.overrides)
-    space = SubnetSpace.from_model_config(cfg.model)
+    spec, arch = get_backbone(cfg.model.arch), cfg.model.section
+    space = spec.space(arch)
     probs = space.probabilities()
-    arch = vit_arch(cfg)
-    print(f"{len(space)} sub-networks: widths {list(space.widths)}, depths {list(space.depths)}")
-    print(f"{'sub-network':<12}{'params(M)':>11}{'GFLOPs':>9}{'p(sample)':>11}")
+    names = {sub: name for name, sub in spec.named_sizes(arch).items()}
+    depths = [str(d) if not isinstance(d, tuple) else "-".join(map(str, d)) for d in space.depths]
+    shown = depths if len(depths) <= 16 else depths[:4] + ["..."] + depths[-2:]
+    print(f"{cfg.model.arch}: {len(space)} sub-networks: widths {list(space.widths)}, "
+          f"{len(depths)} depths {', '.join(shown)}; pool of {sum(space.weights().values())} (eq. 14, s={space.s})")
+    print(f"{'sub-network':<16}{'name':<8}{'params(M)':>11}{'GFLOPs':>9}{'p(sample)':>11}")
     for sub in space.all():
-        a = arch.sub(sub.width, sub.depth)
         p = probs.get(sub)
-        print(f"{str(sub):<12}{count_params(a) / 1e6:>11.2f}{vit_gflops(a):>9.2f}{(f'{p:.4f}' if p else 'intact'):>11}")
+        print(f"{str(sub):<16}{names.get(sub, ''):<8}{spec.params(arch, sub) / 1e6:>11.2f}"
+              f"{spec.gflops(arch, sub):>9.2f}{(f'{p:.4f}' if p else 'intact'):>11}")
     return 0
 
 
@@ -178,7 +185,8 @@ def cmd_subnets(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from poa_hpc.eval.evaluate import format_table, knn_evaluate
     from poa_hpc.models.extract import load_subnet
-    from poa_hpc.models.subnets import Subnet, SubnetSpace
+    from poa_hpc.models.registry import get_backbone
+    from poa_hpc.models.subnets import Subnet
     from poa_hpc.train.trainer import build_model, train
 
     overrides = list(args.overrides)
@@ -186,7 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(packaged_config("demo_cpu.yaml"), overrides)
     out = Path(cfg.train.output_dir)
-    space = SubnetSpace.from_model_config(cfg.model)
+    space = get_backbone(cfg.model.arch).space(cfg.model.section)
     subs = [Subnet(space.widths[0], space.depths[0]),
             Subnet(space.widths[len(space.widths) // 2], space.depths[len(space.depths) // 2]),
             space.intact]
@@ -260,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="training checkpoint (file, or run folder with checkpoints/last.pt)")
     e.add_argument("--width", type=int)
     e.add_argument("--depth", type=int)
-    e.add_argument("--subnet", action="append", help="WIDTHxDEPTH, repeatable")
+    e.add_argument("--subnet", action="append",
+                   help="WIDTHxDEPTH (384x12; per-stage depths 64x3-4-6-3) or a named size (ViT-S), repeatable")
     e.add_argument("--all", action="store_true", help="every sub-network of the elastic space")
     e.add_argument("--branch", choices=("teacher", "student"), default="teacher")
     e.add_argument("-o", "--output", required=True, help=".safetensors file (one sub-network) or folder")
@@ -332,6 +341,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"poa {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

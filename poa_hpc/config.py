@@ -9,48 +9,48 @@ reported as :class:`ConfigError` naming the offending key.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from poa_hpc.errors import ConfigError
+from poa_hpc.models.registry import backbone_names, get_backbone
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key."""
-
-
-@dataclass
-class ElasticConfig:
-    """The elastic sub-network space of the intact model (spec §1, §0)."""
-
-    min_width: int = 384  # smallest elastic width D_0
-    width_step: int = 64  # D_i = min_width + i * width_step (one head per step)
-    min_depth: int = 12  # elastic depths min_depth..depth
-    sampling_s: float = 3.0  # eq. 14 exponent-like parameter (3 ViT, 2 Swin/ResNet)
-    rank_sampling: str = "per_rank"  # per_rank (paper) | shared (same sub-network on all ranks)
+__all__ = ["ConfigError", "POAConfig", "ModelConfig", "load_config", "from_dict", "to_dict", "to_yaml", "flatten"]
 
 
-@dataclass
-class ModelConfig:
-    arch: str = "vit"
-    img_size: int = 224  # size the position embedding is built for
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    layerscale_init: float = 1e-5
-    drop_path_rate: float = 0.2
-    # Sliced projection: torch (slice + matmul) | triton (kernels reading the weight in place)
-    # | auto (Triton on CUDA, torch elsewhere).  torch stays the default until the Triton
-    # kernels have been measured on a GPU.
-    elastic_linear: str = "torch"
-    attention: str = "sdpa"  # sdpa (torch picks flash/efficient/cuDNN) | xformers | math (reference)
-    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+def _model_config_cls() -> type:
+    """``model``: backend choices shared by every family plus one section per registered family
+    (``model.vit``, ``model.swin``, ...); ``model.arch`` picks the section that is built."""
+    families = [(n, get_backbone(n).config_cls, field(default_factory=get_backbone(n).config_cls))
+                for n in backbone_names()]
+    cls = make_dataclass("ModelConfig", [
+        ("arch", str, field(default="vit")),  # a registered backbone family (model.<arch> is its section)
+        # Sliced projection: torch (slice + matmul) | triton (kernels reading the weight in place)
+        # | auto (Triton on CUDA, torch elsewhere).  torch stays the default until the Triton
+        # kernels have been measured on a GPU.
+        ("elastic_linear", str, field(default="torch")),
+        ("attention", str, field(default="sdpa")),  # sdpa (flash/efficient/cuDNN) | xformers | math (reference)
+        # per_rank (paper): each rank draws its own elastic sub-network per step | shared: one for all
+        ("rank_sampling", str, field(default="per_rank")),
+        *families,
+    ], namespace={"section": property(lambda self: getattr(self, self.arch),
+                                      doc="The config section of the selected family (model.<arch>).")})
+    cls.__module__ = __name__
+    return cls
+
+
+ModelConfig = _model_config_cls()
+
+# Keys of the flat ViT-only schema and where they live now.
+_MOVED = {f"model.{k}": f"model.vit.{k}" for k in (
+    "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+    "layerscale_init", "drop_path_rate")}
+_MOVED.update({f"model.elastic.{k}": f"model.vit.{k}" for k in ("min_width", "width_step", "min_depth", "sampling_s")})
+_MOVED["model.elastic.rank_sampling"] = "model.rank_sampling"
 
 
 @dataclass
@@ -167,10 +167,10 @@ class POAConfig:
 
 
 _CHOICES = {
-    "model.arch": ("vit",),
+    "model.arch": backbone_names(),
     "model.elastic_linear": ("torch", "triton", "auto"),
     "model.attention": ("sdpa", "xformers", "math"),
-    "model.elastic.rank_sampling": ("per_rank", "shared"),
+    "model.rank_sampling": ("per_rank", "shared"),
     "data.dataset": ("imagefolder", "filelist", "digits"),
     "data.loader": ("torch", "dali", "dali_cpu"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -199,24 +199,7 @@ def validate(cfg: POAConfig) -> POAConfig:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"key '{key}': got {value!r}, expected one of {list(allowed)}")
-    m, e = cfg.model, cfg.model.elastic
-    if m.embed_dim % m.num_heads:
-        raise ConfigError(f"key 'model.embed_dim': {m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
-    head_dim = m.embed_dim // m.num_heads
-    if e.width_step % head_dim or e.min_width % head_dim:
-        raise ConfigError(
-            f"key 'model.elastic.min_width'/'width_step': {e.min_width}/{e.width_step} must be multiples of the head dim {head_dim}"
-        )
-    if not (0 < e.min_width <= m.embed_dim) or (m.embed_dim - e.min_width) % e.width_step:
-        raise ConfigError(
-            f"key 'model.elastic.min_width': {e.min_width} must be in (0, {m.embed_dim}] and reach embed_dim in steps of {e.width_step}"
-        )
-    if not (1 <= e.min_depth <= m.depth):
-        raise ConfigError(f"key 'model.elastic.min_depth': {e.min_depth} must be in [1, model.depth={m.depth}]")
-    for size_key in ("global_size", "local_size"):
-        size = getattr(cfg.data, size_key)
-        if size % m.patch_size:
-            raise ConfigError(f"key 'data.{size_key}': {size} is not a multiple of model.patch_size={m.patch_size}")
+    get_backbone(cfg.model.arch).validate(cfg.model.section, cfg)
     if not cfg.head.prototypes or any(k <= 0 for k in cfg.head.prototypes):
         raise ConfigError(f"key 'head.prototypes': expected a non-empty list of positive ints, got {cfg.head.prototypes}")
     if not (0.0 <= cfg.loss.lam <= 1.0):
@@ -245,6 +228,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. optim.base_lr=1e-3)")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer, where in zip(layers, ["saved config"] * bool(base) + [str(path)] * (path is not None) + ["overrides"]):
+            _check_moved(layer, where)
         merged = OmegaConf.merge(schema, *layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -252,6 +237,18 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise ConfigError(_describe(exc) + where) from None
     assert isinstance(cfg, POAConfig)
     return validate(cfg)
+
+
+def _check_moved(layer, where: str) -> None:
+    """Keys of the old flat ViT schema are an error naming their new place."""
+    data = OmegaConf.to_container(layer, resolve=False)
+    if not isinstance(data, dict):
+        return
+    for key in flatten(data):
+        for old, new in _MOVED.items():
+            if key == old or key.startswith(old + "."):
+                raise ConfigError(f"key '{old}' (in {where}) moved to '{new}': each backbone family has its own "
+                                  f"section (model.{', model.'.join(backbone_names())}); model.arch picks one")
 
 
 def flatten(d: dict, prefix: str = "") -> Dict[str, Any]:

@@ -7,13 +7,13 @@ def test_yaml_and_dotted_overrides():
     cfg = load_config("configs/demo_cpu.yaml", ["optim.base_lr=1e-3", "head.prototypes=[10,20]", "train.seed=7"])
     assert isinstance(cfg, POAConfig)
     assert cfg.optim.base_lr == 1e-3 and cfg.head.prototypes == [10, 20] and cfg.train.seed == 7
-    assert cfg.model.embed_dim == 96  # from the file
+    assert cfg.model.vit.embed_dim == 96  # from the file
     assert cfg.loss.lam == 0.8  # default
 
 
 def test_paper_config_values():
     cfg = load_config("configs/vit_l_poa.yaml")
-    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (1024, 24, 16)
+    assert (cfg.model.vit.embed_dim, cfg.model.vit.depth, cfg.model.vit.num_heads) == (1024, 24, 16)
     assert cfg.head.prototypes == [8192, 16384, 32768, 65536]
     assert cfg.optim.clip_grad == 1.5 and cfg.optim.layer_decay == 0.9 and cfg.optim.schedule_fraction == 0.78
     assert cfg.optim.batch_size * 32 == 1600
@@ -25,8 +25,9 @@ def test_paper_config_values():
         ("optim.bogus=1", "optim.bogus"),
         ("optim.base_lr=abc", "optim.base_lr"),
         ("model.attention=flash9", "model.attention"),
-        ("model.embed_dim=100", "model.embed_dim"),
-        ("model.elastic.min_depth=99", "model.elastic.min_depth"),
+        ("model.vit.embed_dim=100", "model.vit.embed_dim"),
+        ("model.vit.min_depth=99", "model.vit.min_depth"),
+        ("model.arch=alexnet", "model.arch"),
         ("data.local_size=17", "data.local_size"),
         ("nonsense", "key=value"),
     ],

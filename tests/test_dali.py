@@ -75,7 +75,7 @@ def _cfg(root: Path, loader: str = "dali_cpu", *extra: str):
     return load_config(overrides=[
         "data.dataset=imagefolder", f"data.root={root}", f"data.loader={loader}",
         f"optim.batch_size={B}", f"data.global_size={GLOBAL}", f"data.local_size={LOCAL}",
-        f"data.n_local={N_LOCAL}", "model.patch_size=16", "data.num_workers=2", *extra,
+        f"data.n_local={N_LOCAL}", "model.vit.patch_size=16", "data.num_workers=2", *extra,
     ])
 
 

@@ -88,7 +88,7 @@ def _cfg(**data) -> POAConfig:
     cfg.data.n_local = 2
     cfg.data.digits_size = 32
     cfg.data.num_workers = 0
-    cfg.model.patch_size = 4
+    cfg.model.vit.patch_size = 4
     cfg.optim.batch_size = 4
     cfg.train.seed = 7
     for k, v in data.items():

@@ -8,8 +8,9 @@ import torch
 
 from poa_hpc.cli import main
 from poa_hpc.config import load_config
-from poa_hpc.models.extract import extract_state_dict, load_subnet, timm_kwargs, to_timm_state_dict
-from poa_hpc.models.subnets import SubnetSampler
+from poa_hpc.models.extract import extract_state_dict, load_subnet
+from poa_hpc.models.registry import get_backbone
+from poa_hpc.models.subnets import Subnet, SubnetSampler
 from poa_hpc.models.vit import build_vit, count_params, vit_gflops, ViTArch
 from poa_hpc.train.checkpoint import atomic_save
 from poa_hpc.train.meta_arch import POA
@@ -33,7 +34,7 @@ def test_extracted_subnet_equals_elastic_forward_demo_model():
     subs = {sampler.sample(t) for t in range(6)} | {model.space.intact}
     x = torch.randn(4, 3, 32, 32)
     for sub in sorted(subs):
-        arch, state = extract_state_dict(backbone, sub.width, sub.depth)
+        arch, state = extract_state_dict(backbone, sub)
         dense = build_vit(arch).eval()
         dense.load_state_dict(state)
         assert sum(p.numel() for n, p in dense.named_parameters() if n != "mask_token") == count_params(arch)
@@ -46,9 +47,10 @@ def test_extracted_subnet_matches_timm_vit():
     timm = pytest.importorskip("timm")
     cfg, model = demo_model()
     backbone = model.teacher_backbone().eval()
-    arch, state = extract_state_dict(backbone, 64, 4)
-    ref = timm.models.vision_transformer.VisionTransformer(**timm_kwargs(arch)).eval()
-    ref.load_state_dict(to_timm_state_dict(state))
+    arch, state = extract_state_dict(backbone, Subnet(64, 4))
+    _, kwargs, timm_state = get_backbone("vit").timm_export(arch, state)
+    ref = timm.models.vision_transformer.VisionTransformer(**kwargs, num_classes=0).eval()
+    ref.load_state_dict(timm_state)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ref(x), backbone(x, 64, 4), rtol=1e-5, atol=1e-5)
@@ -63,7 +65,8 @@ def test_sizes_match_timm_and_the_literature():
     L = ViTArch(224, 16, 3, 1024, 24, 16)
     for w in (384, 768):
         arch = L.sub(w, 12)
-        ref = timm.models.vision_transformer.VisionTransformer(**timm_kwargs(arch))
+        ref = timm.models.vision_transformer.VisionTransformer(**get_backbone("vit").timm_export(arch, {})[1],
+                                                               num_classes=0)
         assert count_params(arch) == sum(p.numel() for p in ref.parameters())
     # ViT-L/16: 304.33M with timm's 1000-class head (1,025,000) -> 303.30M backbone + 49,152 LayerScale
     assert count_params(L) == 304_326_632 - 1_025_000 + 49_152

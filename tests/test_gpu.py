@@ -25,7 +25,7 @@ def test_bf16_autocast_step_on_cuda():
 def test_extracted_equals_elastic_on_cuda():
     dev = torch.device("cuda")
     m = make(tiny_cfg()).teacher_backbone().to(dev).eval()
-    arch, state = extract_state_dict(m, 24, 3)
+    arch, state = extract_state_dict(m, Subnet(24, 3))
     dense = build_vit(arch).to(dev).eval()
     dense.load_state_dict(state)
     x = torch.randn(4, 3, 16, 16, device=dev)

@@ -5,18 +5,17 @@ import copy
 import pytest
 import torch
 
+from backbones import MODEL
 from poa_hpc.config import load_config
 from poa_hpc.models.subnets import Subnet
-from poa_hpc.models.vit import block_ids
+from poa_hpc.models.elastic import block_ids
 from poa_hpc.train.meta_arch import POA
 
 
 def tiny_cfg(*overrides):
     base = [
-        "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=4", "model.num_heads=4",
-        "model.elastic.min_width=16", "model.elastic.width_step=8", "model.elastic.min_depth=2",
-        "model.drop_path_rate=0.0", "head.prototypes=[16,24]", "head.hidden_dim=24", "head.bottleneck_dim=8",
-        "data.global_size=16", "data.local_size=8", "data.n_local=2", "optim.batch_size=4",
+        *MODEL["vit"], "model.vit.drop_path_rate=0.0", "head.prototypes=[16,24]", "head.hidden_dim=24",
+        "head.bottleneck_dim=8", "data.n_local=2", "optim.batch_size=4",
     ]
     return load_config(overrides=base + list(overrides))
 

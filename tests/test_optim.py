@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from poa_hpc.config import POAConfig
-from poa_hpc.train.optim import apply_schedules, build_optimizer, clip_grad_norm, lr_layer_id, param_groups
+from poa_hpc.train.optim import ParamRules, apply_schedules, build_optimizer, clip_grad_norm, param_groups
 
 D = 8
 
@@ -74,6 +74,7 @@ class _Student(nn.Module):
 
 def make_cfg():
     cfg = POAConfig()
+    cfg.model.vit.depth = 2  # the fake student's blocks
     cfg.optim.layer_decay = 0.5
     cfg.optim.patch_embed_lr_mult = 0.2
     cfg.optim.beta1 = 0.8
@@ -132,7 +133,7 @@ def test_names_match_model_layout():
 
 def test_multipliers_by_hand():
     m = _Student()
-    groups = param_groups(m.named_parameters(), make_cfg(), num_layers=2)
+    groups = param_groups(m.named_parameters(), make_cfg())
     got = by_name(groups)
     all_names = [n for n, _ in m.named_parameters()]
     assert sorted(got) == sorted(all_names)
@@ -152,7 +153,7 @@ def test_multipliers_by_hand():
 
 def test_groups_fused():
     m = _Student()
-    groups = param_groups(m.named_parameters(), make_cfg(), num_layers=2)
+    groups = param_groups(m.named_parameters(), make_cfg())
     keys = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in groups]
     assert len(keys) == len(set(keys))
     # patch w, patch b, tokens, blk0 w/no-wd, blk1 w/no-wd, norm+head biases, head weights, last layer
@@ -165,7 +166,7 @@ def test_groups_fused():
 def test_frozen_param_excluded():
     m = _Student()
     m.backbone.mask_token.requires_grad_(False)
-    groups = param_groups(m.named_parameters(), make_cfg(), num_layers=2)
+    groups = param_groups(m.named_parameters(), make_cfg())
     got = by_name(groups)
     assert "backbone.mask_token" not in got
     assert all(p is not m.backbone.mask_token for g in groups for p in g["params"])
@@ -173,16 +174,17 @@ def test_frozen_param_excluded():
 
 
 def test_block_index_out_of_range():
+    rules = ParamRules(make_cfg())
     with pytest.raises(ValueError):
-        lr_layer_id("backbone.blocks.2.attn.qkv.weight", num_layers=2)
-    assert lr_layer_id("heads.0.mlp.0.weight", 2) == 3
-    assert lr_layer_id("_orig_mod.backbone.blocks.1.norm1.weight", 2) == 2
+        rules.layer_id("backbone.blocks.2.attn.qkv.weight")
+    assert rules.layer_id("heads.0.mlp.0.weight") == 3
+    assert rules.layer_id("_orig_mod.backbone.blocks.1.norm1.weight") == 2
 
 
 def test_build_optimizer_and_apply_schedules():
     m = _Student()
     cfg = make_cfg()
-    opt = build_optimizer(m.named_parameters(), cfg, num_layers=2)
+    opt = build_optimizer(m.named_parameters(), cfg)
     assert isinstance(opt, torch.optim.AdamW)
     assert all(g["betas"] == (0.8, 0.95) for g in opt.param_groups)
 

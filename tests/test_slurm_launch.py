@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from backbones import tiny
 from poa_hpc.cli import main
 from poa_hpc.train.checkpoint import load_checkpoint
 
@@ -24,11 +25,8 @@ pytestmark = pytest.mark.slurm
 pytest.importorskip("submitit")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=4", "model.num_heads=4",
-    "model.elastic.min_width=16", "model.elastic.width_step=8", "model.elastic.min_depth=2",
-    "head.prototypes=[32,48]", "head.hidden_dim=32", "head.bottleneck_dim=16",
-    "data.digits_size=16", "data.global_size=16", "data.local_size=8", "data.n_local=2",
+TINY = tiny("vit") + [
+    "data.n_local=2",
     "optim.batch_size=8", "optim.iters_per_epoch=10", "optim.warmup_epochs=1",
     "loss.ibot_start_epoch=1", "loss.warmup_teacher_temp_epochs=1", "data.num_workers=0",
     "train.log_every=1", "dist.engine=ddp",

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from poa_hpc.config import load_config
+from poa_hpc.models.registry import get_backbone
 from poa_hpc.models.subnets import Subnet, SubnetSampler, SubnetSpace
 
 
 @pytest.fixture(scope="module")
 def vit_l_space():
-    return SubnetSpace.from_model_config(load_config("configs/vit_l_poa.yaml").model)
+    cfg = load_config("configs/vit_l_poa.yaml")
+    return get_backbone("vit").space(cfg.model.vit)
 
 
 def test_vit_l_space_has_143_subnets(vit_l_space):

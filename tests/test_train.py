@@ -12,16 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from backbones import tiny
 from poa_hpc.cli import main
 from poa_hpc.config import load_config
 from poa_hpc.train import trainer as trainer_mod
 from poa_hpc.train.checkpoint import atomic_save, load_checkpoint
 
-TINY = [
-    "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=4", "model.num_heads=4",
-    "model.elastic.min_width=16", "model.elastic.width_step=8", "model.elastic.min_depth=2",
-    "head.prototypes=[32,48]", "head.hidden_dim=32", "head.bottleneck_dim=16",
-    "data.digits_size=16", "data.global_size=16", "data.local_size=8", "data.n_local=2",
+TINY = tiny("vit") + [
+    "data.n_local=2",
     "optim.batch_size=16", "optim.iters_per_epoch=4", "optim.epochs=3", "optim.warmup_epochs=1",
     "loss.ibot_start_epoch=1", "loss.warmup_teacher_temp_epochs=1",
     "train.log_every=1", "train.progress=false",
@@ -203,9 +201,9 @@ def test_resume_with_a_changed_model_is_a_clear_error(tmp_path, capsys):
     base = ["train", "--config", "configs/demo_cpu.yaml", *TINY, f"train.output_dir={out}", "data.num_workers=0",
             "train.max_steps=2"]
     assert main(base) == 0
-    assert main(base[:1] + ["--resume"] + base[1:] + ["model.depth=5"]) == 2
+    assert main(base[:1] + ["--resume"] + base[1:] + ["model.vit.depth=5"]) == 2
     err = capsys.readouterr().err
-    assert "cannot resume" in err and "model.depth: 4 -> 5" in err
+    assert "cannot resume" in err and "model.vit.depth: 4 -> 5" in err
     (out / "checkpoints" / "last.pt").write_bytes(b"garbage")
     assert main(base[:1] + ["--resume"] + base[1:]) == 2
     assert "could not be read" in capsys.readouterr().err

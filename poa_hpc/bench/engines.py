@@ -3,8 +3,9 @@
     poa bench engines --nproc 8 --models vit_b vit_l --engines ddp fsdp deepspeed:2 deepspeed:3
 
 For every (model, engine) pair the driver launches ``torchrun`` with a worker that
-builds the POA model from ``configs/vit_l_poa.yaml`` (ViT-B: the same recipe at
-width 768, depth 12), wraps it with the engine and times full training steps
+builds the POA model of a preset registered by its backbone family (``vit_l``:
+``configs/vit_l_poa.yaml``; ``vit_b``: the same recipe at width 768, depth 12; a
+``*_tiny`` preset per family for CPU smoke runs), wraps it with the engine and times full training steps
 (teacher, intact and elastic branches, both backward passes, optimizer step,
 EMA) on synthetic multi-crop batches, so the loader is not measured.  It prints a
 table and writes JSON under ``benchmarks/results/`` with device, versions and
@@ -26,16 +27,11 @@ from typing import List
 
 from poa_hpc.bench.common import write_result
 
-MODELS = {
-    # ViT-L/16 POA as the paper; ViT-B/16 as the same recipe one size down (elastic 384..768, depth 6..12).
-    "vit_l": [],
-    "vit_b": ["model.embed_dim=768", "model.depth=12", "model.num_heads=12", "model.elastic.min_depth=6"],
-    # CPU smoke size, to check the benchmark itself runs.
-    "tiny": ["model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.depth=4", "model.num_heads=4",
-             "model.elastic.min_width=32", "model.elastic.width_step=16", "model.elastic.min_depth=2",
-             "head.prototypes=[64,128]", "head.hidden_dim=64", "head.bottleneck_dim=32",
-             "data.global_size=32", "data.local_size=16"],
-}
+def models() -> dict:
+    """Benchmark presets of every registered backbone family: name -> (packaged config, overrides)."""
+    from poa_hpc.models.registry import backbone_names, get_backbone
+
+    return {name: preset for fam in backbone_names() for name, preset in get_backbone(fam).bench_presets.items()}
 
 
 def _engine_overrides(engine: str) -> List[str]:
@@ -63,10 +59,10 @@ def worker(args: argparse.Namespace) -> None:
     dev = ctx.device
     model = build_model(cfg).to(dev)
     engine = build_engine(cfg.dist, ctx, cfg.train.amp, cfg.optim.clip_grad, cfg.optim.batch_size)
-    opt = engine.setup(model, lambda named: build_optimizer(named, cfg, cfg.model.depth))
-    sampler = SubnetSampler(model.space, 0, ctx.rank, cfg.model.elastic.rank_sampling)
+    opt = engine.setup(model, lambda named: build_optimizer(named, cfg))
+    sampler = SubnetSampler(model.space, 0, ctx.rank, cfg.model.rank_sampling)
     B, d = cfg.optim.batch_size, cfg.data
-    grid = d.global_size // cfg.model.patch_size
+    grid = model.spec.mask_grid(cfg.model.section, d.global_size)
     g = torch.Generator().manual_seed(ctx.rank)
     import random
 
@@ -123,13 +119,13 @@ def worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- driver
 def run(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="poa bench engines", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["vit_b", "vit_l"], choices=sorted(MODELS))
+    p.add_argument("--models", nargs="+", default=["vit_b", "vit_l"], choices=sorted(models()))
     p.add_argument("--engines", nargs="+", default=["ddp", "fsdp", "deepspeed:2", "deepspeed:3"])
     p.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
     p.add_argument("--batch", type=int, default=32, help="images per rank")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--config", default=None, help="base config (default: the packaged vit_l_poa.yaml)")
+    p.add_argument("--config", default=None, help="base config (default: each preset's packaged config)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -141,13 +137,15 @@ def run(argv: List[str] | None = None) -> int:
 
     from poa_hpc.cli import packaged_config
 
-    config = args.config or str(packaged_config("vit_l_poa.yaml"))
+    presets = models()
     nproc = args.nproc or (torch.cuda.device_count() or 2)
     rows = []
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")}
     for model in args.models:
         for engine in args.engines:
-            overrides = MODELS[model] + _engine_overrides(engine) + [f"optim.batch_size={args.batch}",
+            base, preset = presets[model]
+            config = args.config or str(packaged_config(base))
+            overrides = preset + _engine_overrides(engine) + [f"optim.batch_size={args.batch}",
                                                                      "train.progress=false", *args.overrides]
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "poa_hpc.bench.engines", "--worker", "--config", config, "--steps", str(args.steps),

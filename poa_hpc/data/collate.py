@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 import numpy as np
 import torch
 
+from poa_hpc.models.registry import get_backbone
+
 from .masking import MaskingGenerator
 from .transforms import derive_seed
 
@@ -227,8 +229,8 @@ class MultiCropCollator:
 
 
 def build_collator(cfg: "POAConfig", global_batch: Optional[int] = None) -> MultiCropCollator:
-    """Collator for ``cfg``: grid = global_size // patch_size, mask fields from ``cfg.loss``."""
-    grid = cfg.data.global_size // cfg.model.patch_size
+    """Collator for ``cfg``: the backbone family's iBOT mask grid for a global crop, mask fields from ``cfg.loss``."""
+    grid = get_backbone(cfg.model.arch).mask_grid(cfg.model.section, cfg.data.global_size)
     return MultiCropCollator(
         seed=cfg.train.seed,
         grid_size=grid,

@@ -18,7 +18,8 @@ Engines:
           backward passes through different sub-networks per rank, which DDP's
           bucketed hooks would have to be told about with ``no_sync`` and
           ``find_unused_parameters``.)
-``fsdp``  FSDP2 ``fully_shard`` per block, per head and per backbone, for the
+``fsdp``  FSDP2 ``fully_shard`` per sharding unit of the backbone family (ViT:
+          each block), per head and per backbone, for the
           student and the EMA teacher alike (the EMA then runs shard by shard,
           with no gather); sharded checkpoints with torch.distributed.checkpoint,
           loadable on another world size.
@@ -164,11 +165,14 @@ class FSDPEngine(Engine):
         for branch in (model.student, model.teacher):
             bb = branch.backbone
             bb.sync_skipped_blocks = True  # per-rank sub-networks of different depth: keep collectives aligned
-            for i, block in enumerate(bb.blocks):
+            # The family spec names the units (ViT: blocks; Swin: blocks and patch merges; ...).
+            for unit in model.spec.sharding_units(bb):
+                block = bb.get_submodule(unit)
                 if branch is model.student and self.cfg.activation_checkpointing:
                     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-                    block = bb.blocks[i] = checkpoint_wrapper(block)
+                    block = checkpoint_wrapper(block)
+                    bb.set_submodule(unit, block)
                 if self.cfg.compile:
                     block.compile()
                 fully_shard(block, **kw)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from poa_hpc.models.vit import ElasticLinear
+from poa_hpc.models.elastic import ElasticLinear
 
 
 class WeightNormLinear(nn.Module):

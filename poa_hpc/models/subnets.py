@@ -1,11 +1,17 @@
 """The elastic sub-network space, its eq. 14 sampling weights and the per-step sampler.
 
-Confirmed against the authors' code (``create_dynamic_networks`` in alipay/POA):
-``w_scale = linspace(s, 1, #widths)`` and ``d_scale = linspace(s, 1, #depths)``
-(smallest first); pair (w, d) appears ``round(w_scale * d_scale)`` times in a
-list; the intact pair is dropped; the list is shuffled and walked without
-replacement, reshuffled at the end of each pass.  Frequencies are therefore
-exactly proportional to the weights.
+A sub-network is a (width, depth) pair.  ``width`` is one int for every family
+(the ViT embedding width, Swin's stage-1 channels, ResNet's stage-1 bottleneck
+mid channels); ``depth`` is an int where one number describes it (ViT blocks,
+Swin's stage-3 blocks) or a tuple of per-stage block counts (ResNet).
+
+Weights (eq. 14), confirmed against the authors' ``create_dynamic_networks``:
+every width gets a scale and every depth a scale (ViT/Swin:
+``linspace(s, 1, n)`` smallest first; ResNet: width scale 1 and depth scales
+``linspace(s, 1, #depths)`` over the depth tuples sorted by total depth); pair
+(w, d) appears ``round(w_scale * d_scale)`` times in a list; the intact pair is
+dropped; the list is shuffled and walked without replacement, reshuffled at the
+end of each pass.  Frequencies are therefore exactly proportional to the weights.
 
 Our sampler is stateless: the sub-network of step ``t`` is a pure function of
 (seed, stream, t), so resuming at any step reproduces the run exactly.  The
@@ -18,40 +24,55 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+Depth = Union[int, Tuple[int, ...]]
 
 
 @dataclass(frozen=True, order=True)
 class Subnet:
     width: int
-    depth: int
+    depth: Depth
 
     def __str__(self) -> str:
-        return f"{self.width}x{self.depth}"
+        d = "-".join(map(str, self.depth)) if isinstance(self.depth, tuple) else str(self.depth)
+        return f"{self.width}x{d}"
 
     @classmethod
     def parse(cls, text: str) -> "Subnet":
+        """``WIDTHxDEPTH`` (``384x12``) or ``WIDTHxD1-D2-...`` for per-stage depths (``64x3-4-6-3``)."""
         try:
             w, d = text.lower().split("x")
-            return cls(int(w), int(d))
+            parts = tuple(int(p) for p in d.split("-"))
+            return cls(int(w), parts if len(parts) > 1 else parts[0])
         except ValueError:
-            raise ValueError(f"sub-network {text!r}: expected WIDTHxDEPTH, e.g. 384x12") from None
+            raise ValueError(f"sub-network {text!r}: expected WIDTHxDEPTH, e.g. 384x12 (or 64x3-4-6-3)") from None
+
+
+def eq14_scales(s: float, n: int) -> Tuple[float, ...]:
+    """``linspace(s, 1, n)``: the eq. 14 scale of the n widths (or depths), smallest first."""
+    return tuple(float(v) for v in np.linspace(s, 1, n))
 
 
 @dataclass(frozen=True)
 class SubnetSpace:
+    """Widths x depths, each with its eq. 14 scale (default ``linspace(s, 1, n)``)."""
+
     widths: tuple
     depths: tuple
     s: float = 3.0
+    width_scales: Optional[tuple] = None
+    depth_scales: Optional[tuple] = None
 
-    @classmethod
-    def from_model_config(cls, model_cfg) -> "SubnetSpace":
-        e = model_cfg.elastic
-        widths = tuple(range(e.min_width, model_cfg.embed_dim + 1, e.width_step))
-        depths = tuple(range(e.min_depth, model_cfg.depth + 1))
-        return cls(widths, depths, e.sampling_s)
+    def __post_init__(self) -> None:
+        if self.width_scales is None:
+            object.__setattr__(self, "width_scales", eq14_scales(self.s, len(self.widths)))
+        if self.depth_scales is None:
+            object.__setattr__(self, "depth_scales", eq14_scales(self.s, len(self.depths)))
+        if len(self.width_scales) != len(self.widths) or len(self.depth_scales) != len(self.depths):
+            raise ValueError("SubnetSpace: one scale per width and per depth")
 
     @property
     def intact(self) -> Subnet:
@@ -68,19 +89,19 @@ class SubnetSpace:
 
     def check(self, sub: Subnet) -> Subnet:
         if sub not in self:
+            depths = [str(Subnet(0, d)).split("x", 1)[1] for d in self.depths]
+            shown = depths if len(depths) <= 16 else depths[:3] + ["..."] + depths[-3:]
             raise ValueError(
-                f"sub-network {sub} is not in the elastic space: widths {list(self.widths)}, depths {list(self.depths)}"
+                f"sub-network {sub} is not in the elastic space: widths {list(self.widths)}, depths {shown}"
             )
         return sub
 
     def weights(self) -> Dict[Subnet, int]:
         """Eq. 14 integer weights, intact pair excluded (it is trained by the intact branch)."""
-        ws = np.linspace(self.s, 1, len(self.widths))
-        ds = np.linspace(self.s, 1, len(self.depths))
         out = {}
-        for w, a in zip(self.widths, ws):
-            for d, b in zip(self.depths, ds):
-                out[Subnet(w, d)] = int(np.round(a * b))
+        for w, a in zip(self.widths, self.width_scales):
+            for d, b in zip(self.depths, self.depth_scales):
+                out[Subnet(w, d)] = int(np.round(np.float64(a) * np.float64(b)))
         out.pop(self.intact)
         return out
 
@@ -99,7 +120,7 @@ class SubnetSampler:
 
     def __init__(self, space: SubnetSpace, seed: int, rank: int = 0, mode: str = "per_rank"):
         if mode not in ("per_rank", "shared"):
-            raise ValueError(f"model.elastic.rank_sampling: {mode!r}, expected per_rank or shared")
+            raise ValueError(f"model.rank_sampling: {mode!r}, expected per_rank or shared")
         self.space = space
         self.seed = seed
         self.stream = rank if mode == "per_rank" else 0

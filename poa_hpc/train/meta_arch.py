@@ -29,15 +29,10 @@ import torch.nn as nn
 
 from poa_hpc.config import POAConfig
 from poa_hpc.losses import dino_cross_view_loss, ibot_patch_loss, koleo_loss, same_view_loss, sinkhorn_knopp
+from poa_hpc.models.elastic import ElasticBackbone
 from poa_hpc.models.heads import build_heads
-from poa_hpc.models.subnets import Subnet, SubnetSpace
-from poa_hpc.models.vit import ElasticViT, ViTArch, build_vit
-
-
-def vit_arch(cfg: POAConfig) -> ViTArch:
-    m = cfg.model
-    return ViTArch(m.img_size, m.patch_size, m.in_chans, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio,
-                   m.qkv_bias, m.layerscale_init)
+from poa_hpc.models.registry import BackboneSpec, get_backbone
+from poa_hpc.models.subnets import Subnet
 
 
 class Branch(nn.Module):
@@ -48,7 +43,7 @@ class Branch(nn.Module):
     forward per module (DDP, DeepSpeed, an FSDP root) can wrap a branch.
     """
 
-    def __init__(self, backbone: ElasticViT, heads: nn.ModuleList):
+    def __init__(self, backbone: ElasticBackbone, heads: nn.ModuleList):
         super().__init__()
         self.backbone = backbone
         self.heads = heads
@@ -84,9 +79,14 @@ class Branch(nn.Module):
 
 
 def build_branch(cfg: POAConfig, drop_path_rate: float) -> Branch:
+    """Backbone of the family ``model.arch`` (its ``model.<arch>`` section) plus the MPH heads, whose
+    input is the intact network's feature width."""
     m, h = cfg.model, cfg.head
-    backbone = build_vit(vit_arch(cfg), drop_path_rate, m.elastic_linear, m.attention)
-    heads = build_heads(m.embed_dim, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, m.elastic_linear)
+    spec, arch = get_backbone(m.arch), m.section
+    backbone = spec.build(arch, drop_path_rate=drop_path_rate, linear_backend=m.elastic_linear,
+                          attn_backend=m.attention)
+    in_dim = spec.feature_dim(arch, spec.space(arch).intact.width)
+    heads = build_heads(in_dim, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, m.elastic_linear)
     return Branch(backbone, heads)
 
 
@@ -118,11 +118,12 @@ class POA(nn.Module):
     def __init__(self, cfg: POAConfig):
         super().__init__()
         self.cfg = cfg
-        self.student = build_branch(cfg, cfg.model.drop_path_rate)
+        self.spec: BackboneSpec = get_backbone(cfg.model.arch)
+        self.student = build_branch(cfg, cfg.model.section.drop_path_rate)
         self.teacher = build_branch(cfg, 0.0)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        self.space = SubnetSpace.from_model_config(cfg.model)
+        self.space = self.spec.space(cfg.model.section)
         # Engines that must see every branch forward (DeepSpeed) put their wrappers here.
         self.student_call: Optional[Callable[..., Dict[str, object]]] = None
         self.teacher_call: Optional[Callable[..., Dict[str, object]]] = None
@@ -225,5 +226,5 @@ class POA(nn.Module):
         torch._foreach_mul_(t, momentum)
         torch._foreach_add_(t, s, alpha=1.0 - momentum)
 
-    def teacher_backbone(self) -> ElasticViT:
+    def teacher_backbone(self) -> ElasticBackbone:
         return self.teacher.backbone

@@ -26,6 +26,7 @@ from poa_hpc.config import POAConfig, flatten, to_dict, to_yaml
 from poa_hpc.data.loader import build_train_loader
 from poa_hpc.distributed.engines import build_engine
 from poa_hpc.distributed.env import all_reduce_mean, init_distributed, shutdown
+from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.train.checkpoint import LAST
 from poa_hpc.train.meta_arch import POA
@@ -50,7 +51,9 @@ _RESUME_FIXED = ("model.", "head.", "train.seed")
 
 def check_resumable(saved_cfg: dict, cfg: POAConfig, path: Path) -> None:
     saved, now = flatten(saved_cfg), flatten(to_dict(cfg))
-    changed = [k for k in now if k.startswith(_RESUME_FIXED) and saved.get(k) != now[k]]
+    # The sections of the families this run does not build do not matter.
+    idle = tuple(f"model.{name}." for name in backbone_names() if name != cfg.model.arch)
+    changed = [k for k in now if k.startswith(_RESUME_FIXED) and not k.startswith(idle) and saved.get(k) != now[k]]
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:5])
         raise ResumeError(f"cannot resume from '{path}': the config changed ({detail}); "
@@ -137,7 +140,7 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
 
     model = build_model(cfg).to(device)
     engine = build_engine(cfg.dist, ctx, cfg.train.amp, cfg.optim.clip_grad, cfg.optim.batch_size)
-    optimizer = engine.setup(model, lambda named: build_optimizer(named, cfg, num_layers=cfg.model.depth))
+    optimizer = engine.setup(model, lambda named: build_optimizer(named, cfg))
     start_step = 0
     if resume:
         if not engine.has_checkpoint(ckpt_dir):
@@ -154,7 +157,7 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     total = cfg.optim.epochs * iters_per_epoch
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
     sched = build_schedules(cfg, iters_per_epoch, world_size)
-    sampler = SubnetSampler(model.space, cfg.train.seed, rank, cfg.model.elastic.rank_sampling)
+    sampler = SubnetSampler(model.space, cfg.train.seed, rank, cfg.model.rank_sampling)
     ibot_start = cfg.loss.ibot_start_epoch * iters_per_epoch
     autocast = autocast_factory(cfg.train.amp, device)
     global_batch = cfg.optim.batch_size * world_size

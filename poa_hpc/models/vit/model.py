@@ -19,74 +19,15 @@ load into timm directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, replace
+from typing import Dict, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from poa_hpc.models.ops import attention, elastic_linear
-
-
-def block_ids(total_depth: int, depth: int) -> List[int]:
-    """Equal-interval block selection: floor(linspace(0, L-1, d)) (authors' code)."""
-    if not (1 <= depth <= total_depth):
-        raise ValueError(f"depth {depth} must be in [1, {total_depth}]")
-    return np.linspace(0, total_depth - 1, depth).astype(np.int64).tolist()
-
-
-class ElasticLinear(nn.Linear):
-    """nn.Linear whose forward can run on a leading sub-block of its weight.
-
-    The input width is read from ``x``; ``out_features`` (per group) is given.
-    ``groups`` > 1 treats the weight as that many stacked row blocks (fused qkv).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, groups: int = 1, backend: str = "torch"):
-        super().__init__(in_features, out_features * groups, bias=bias)
-        self.groups = groups
-        self.max_out = out_features
-        self.backend = backend
-
-    def forward(self, x: torch.Tensor, out_features: Optional[int] = None) -> torch.Tensor:
-        return elastic_linear(x, self.weight, self.bias, out_features or self.max_out, self.groups, self.backend)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (f", groups={self.groups}" if self.groups > 1 else "")
-
-
-class ElasticLayerNorm(nn.LayerNorm):
-    """LayerNorm over the input's width, using the first ``width`` affine entries."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = x.shape[-1]
-        return F.layer_norm(x, (w,), self.weight[:w], self.bias[:w], self.eps)
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init_values: float):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma[: x.shape[-1]]
-
-
-class DropPath(nn.Module):
-    """Per-sample stochastic depth (residual branch dropped, survivors rescaled)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+from poa_hpc.models.elastic import DropPath, ElasticBackbone, ElasticLayerNorm, ElasticLinear, LayerScale, block_ids
+from poa_hpc.models.ops import attention
 
 
 class PatchEmbed(nn.Module):
@@ -154,11 +95,15 @@ class Block(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
-@dataclass(frozen=True)
+@dataclass
 class ViTArch:
-    """Architecture of a (dense or elastic) ViT; enough to rebuild it."""
+    """The ``model.vit`` config section: the intact ViT and its elastic space.
 
-    img_size: int = 224
+    A dense extracted sub-network is described by the same class (see :meth:`sub`):
+    its space holds one sub-network, itself.
+    """
+
+    img_size: int = 224  # size the position embedding is built for
     patch_size: int = 16
     in_chans: int = 3
     embed_dim: int = 1024
@@ -167,6 +112,13 @@ class ViTArch:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     layerscale_init: float = 1e-5
+    drop_path_rate: float = 0.2  # uniform over blocks (the authors' ViT-L drop_path_uniform)
+    # Elastic space (spec §1): widths min_width, min_width + width_step, ..., embed_dim (one head
+    # per step); depths min_depth..depth; eq. 14 sampling with s = sampling_s.
+    min_width: int = 384
+    width_step: int = 64
+    min_depth: int = 12
+    sampling_s: float = 3.0
 
     @property
     def head_dim(self) -> int:
@@ -176,11 +128,13 @@ class ViTArch:
         """The dense architecture of the (width, depth) sub-network."""
         if width % self.head_dim:
             raise ValueError(f"width {width} is not a multiple of the head dim {self.head_dim}")
-        return ViTArch(self.img_size, self.patch_size, self.in_chans, width, depth, width // self.head_dim,
-                       self.mlp_ratio, self.qkv_bias, self.layerscale_init)
+        return replace(self, embed_dim=width, depth=depth, num_heads=width // self.head_dim, min_width=width,
+                       min_depth=depth)
 
 
-class ElasticViT(nn.Module):
+class ElasticViT(ElasticBackbone):
+    family = "vit"
+
     def __init__(self, arch: ViTArch, drop_path_rate: float = 0.0, linear_backend: str = "torch", attn_backend: str = "sdpa"):
         super().__init__()
         self.arch = arch
@@ -201,10 +155,6 @@ class ElasticViT(nn.Module):
             for _ in range(arch.depth)
         )
         self.norm = ElasticLayerNorm(D, eps=1e-6)
-        # Set by sharding engines whose collectives run per block (FSDP2, ZeRO-3): a block this
-        # sub-network skips still runs, on an empty batch, so every rank issues the same
-        # all-gathers and reduce-scatters even when ranks train sub-networks of different depth.
-        self.sync_skipped_blocks = False
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -255,33 +205,9 @@ class ElasticViT(nn.Module):
             tokens = torch.where(masks.unsqueeze(-1), self.mask_token[:, :width].to(tokens.dtype).unsqueeze(0), tokens)
         tokens = torch.cat([self.cls_token[..., :width].expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)
         tokens = tokens + self._pos_embed(H // self.patch_size, W // self.patch_size, width).to(tokens.dtype)
-        ids = set(range(self.depth) if depth == self.depth else block_ids(self.depth, depth))
-        for i, block in enumerate(self.blocks):
-            if i in ids:
-                tokens = block(tokens)
-            elif self.sync_skipped_blocks:
-                empty = block(tokens[:0])
-                if torch.is_grad_enabled():  # keep it in the graph so its backward hooks run too
-                    tokens = tokens + 0.0 * empty.sum()
+        tokens = self.run_blocks(self.blocks, block_ids(self.depth, depth), tokens)
         tokens = self.norm(tokens)
         return {"x_norm_clstoken": tokens[:, 0], "x_norm_patchtokens": tokens[:, 1:]}
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        width: Optional[int] = None,
-        depth: Optional[int] = None,
-        masks: Optional[torch.Tensor] = None,
-        features: bool = False,
-    ):
-        """[CLS] features (B, w), or with ``features=True`` the dict of :meth:`forward_features`.
-
-        Training code calls the module (not ``forward_features``) so that wrappers'
-        pre-forward hooks (FSDP2 unshard, ZeRO-3 gather) fire on the backbone's own
-        parameters for every branch.
-        """
-        out = self.forward_features(x, masks=masks, width=width, depth=depth)
-        return out if features else out["x_norm_clstoken"]
 
 
 def build_vit(arch: ViTArch, drop_path_rate: float = 0.0, linear_backend: str = "torch", attn_backend: str = "sdpa") -> ElasticViT:

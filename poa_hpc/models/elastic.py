@@ -1,0 +1,140 @@
+"""Elastic building blocks shared by every backbone family.
+
+A POA backbone holds one set of parameters sized for the intact network and
+runs either intact or as an elastic sub-network.  The pieces here implement the
+width rules of spec §0/§1 once for all families:
+
+* :class:`ElasticLinear` keeps the leading rows/columns of its weight (per row
+  group for a fused qkv) and scales its input by ``max_in / in``;
+* :class:`ElasticLayerNorm` and :class:`LayerScale` keep their first ``w``
+  entries;
+* :func:`block_ids` is the equal-interval depth rule ``floor(linspace(0, L-1, d))``;
+* :class:`ElasticBackbone` runs a stage's blocks for a depth, and (when a
+  sharding engine asks for it) runs the blocks a sub-network skips on an empty
+  batch so that every rank issues the same per-block collectives.
+
+Widths are passed as arguments or read from the input; modules are always
+called as modules (never by reaching into ``.weight`` from outside) so that
+wrappers' pre-forward hooks (FSDP2 unshard, ZeRO-3 gather) fire for every
+branch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from poa_hpc.models.ops import elastic_linear
+
+__all__ = ["ElasticLinear", "ElasticLayerNorm", "LayerScale", "DropPath", "block_ids", "ElasticBackbone"]
+
+
+def block_ids(total_depth: int, depth: int) -> List[int]:
+    """Equal-interval block selection: floor(linspace(0, L-1, d)) (authors' code)."""
+    if not (1 <= depth <= total_depth):
+        raise ValueError(f"depth {depth} must be in [1, {total_depth}]")
+    return np.linspace(0, total_depth - 1, depth).astype(np.int64).tolist()
+
+
+class ElasticLinear(nn.Linear):
+    """nn.Linear whose forward can run on a leading sub-block of its weight.
+
+    The input width is read from ``x``; ``out_features`` (per group) is given.
+    ``groups`` > 1 treats the weight as that many stacked row blocks (fused qkv).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, groups: int = 1, backend: str = "torch"):
+        super().__init__(in_features, out_features * groups, bias=bias)
+        self.groups = groups
+        self.max_out = out_features
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, out_features: Optional[int] = None) -> torch.Tensor:
+        return elastic_linear(x, self.weight, self.bias, out_features or self.max_out, self.groups, self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", groups={self.groups}" if self.groups > 1 else "")
+
+
+class ElasticLayerNorm(nn.LayerNorm):
+    """LayerNorm over the input's width, using the first ``width`` affine entries."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        return F.layer_norm(x, (w,), self.weight[:w], self.bias[:w], self.eps)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma[: x.shape[-1]]
+
+
+class DropPath(nn.Module):
+    """Per-sample stochastic depth (residual branch dropped, survivors rescaled)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class ElasticBackbone(nn.Module):
+    """Base class of every elastic backbone.
+
+    Subclasses implement ``forward_features(x, masks, width, depth)`` returning a
+    dict with ``x_norm_clstoken`` (B, C) — the image feature the heads and k-NN
+    use — and ``x_norm_patchtokens`` (B, N, C) on the family's iBOT mask grid.
+    ``family`` names the registered backbone spec (``poa_hpc.models.registry``).
+    """
+
+    family: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Set by sharding engines whose collectives run per block (FSDP2, ZeRO-3): a block this
+        # sub-network skips still runs, on an empty batch, so every rank issues the same
+        # all-gathers and reduce-scatters even when ranks train sub-networks of different depth.
+        self.sync_skipped_blocks = False
+
+    def run_blocks(self, blocks: Sequence[nn.Module], ids: Iterable[int], x: torch.Tensor,
+                   call: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """Apply ``blocks[i]`` for ``i`` in ``ids`` (in order); skipped blocks run on ``x[:0]`` when
+        :attr:`sync_skipped_blocks` is set.  ``call(block, x)`` runs one block (default ``block(x)``)."""
+        call = call or (lambda block, t: block(t))
+        ids = set(ids)
+        for i, block in enumerate(blocks):
+            if i in ids:
+                x = call(block, x)
+            elif self.sync_skipped_blocks:
+                empty = call(block, x[:0])
+                if torch.is_grad_enabled():  # keep it in the graph so its backward hooks run too
+                    x = x + 0.0 * empty.sum()
+        return x
+
+    def forward(self, x: torch.Tensor, width: Optional[int] = None, depth=None, masks: Optional[torch.Tensor] = None,
+                features: bool = False):
+        """[CLS] features (B, C), or with ``features=True`` the dict of ``forward_features``.
+
+        Training code calls the module (not ``forward_features``) so that wrappers'
+        pre-forward hooks (FSDP2 unshard, ZeRO-3 gather) fire on the backbone's own
+        parameters for every branch.
+        """
+        out = self.forward_features(x, masks=masks, width=width, depth=depth)
+        return out if features else out["x_norm_clstoken"]
+
+    def forward_features(self, x: torch.Tensor, masks=None, width=None, depth=None):  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,163 @@
+"""Backbone families as plug-ins: one :class:`BackboneSpec` per family, registered by name.
+
+Everything the rest of poa_hpc needs from a backbone goes through its spec:
+the config section class (``model.<family>``), building the elastic network,
+its sub-network space (eq. 14 weights, intact pair), extraction to a dense
+network and rebuilding one from a file (format ``poa_hpc.<family>``),
+parameters / GFLOPs of a sub-network, the feature width per sub-network,
+the optimizer's layer-id and no-weight-decay rules, the sharding units that
+FSDP2 / ZeRO wrap, and the iBOT mask grid.  ``model.arch`` picks the spec; the
+allowed values are the registered names.
+
+A family is one sub-package of ``poa_hpc.models`` (``vit/``, ``swin/``, ...) whose
+``__init__`` registers its spec with :func:`register_backbone`; they are found
+by :func:`load_families`, so adding a backbone touches no other file.  Like timm's
+``@register_model`` + ``group_matcher`` / ``no_weight_decay`` read by its optimizer
+factory, and torchtitan's ``ModelSpec`` whose ``parallelize`` is applied from
+outside: the model code stays single-device and engine-agnostic.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["BackboneSpec", "register_backbone", "get_backbone", "backbone_names", "load_families"]
+
+_REGISTRY: Dict[str, "BackboneSpec"] = {}
+
+
+class BackboneSpec:
+    """What a backbone family provides.  ``arch`` arguments are instances of :attr:`config_cls`
+    (the ``model.<name>`` config section, which is also the architecture of a dense extracted
+    sub-network); ``sub`` arguments are :class:`~poa_hpc.models.subnets.Subnet`.
+    Parameter names given to the optimizer rules are relative to the backbone
+    (``blocks.3.attn.qkv.weight``, no ``backbone.`` prefix, no wrapper prefixes)."""
+
+    #: registry name, ``model.arch`` value and config section name
+    name: str = ""
+    #: dataclass of the ``model.<name>`` section
+    config_cls: type = object
+    #: one-line description for ``poa subnets`` and the README table
+    description: str = ""
+    #: ``poa bench engines`` presets: name -> (packaged config file, dotted overrides)
+    bench_presets: Dict[str, Tuple[str, List[str]]] = {}
+
+    @property
+    def format(self) -> str:
+        """``format`` metadata of extracted files."""
+        return f"poa_hpc.{self.name}"
+
+    # ------------------------------------------------------------------ config
+    def validate(self, arch: Any, cfg: Any) -> None:
+        """Raise ``ConfigError`` naming the key (``model.<name>.<field>``) when ``arch`` is impossible
+        (``cfg`` is the whole config, e.g. for crop sizes)."""
+
+    # ------------------------------------------------------------------ model
+    def build(self, arch: Any, *, drop_path_rate: float, linear_backend: str = "torch",
+              attn_backend: str = "sdpa"):
+        """The elastic backbone (an :class:`~poa_hpc.models.elastic.ElasticBackbone`) at initialisation."""
+        raise NotImplementedError
+
+    def space(self, arch: Any):
+        """The :class:`~poa_hpc.models.subnets.SubnetSpace` of ``arch``."""
+        raise NotImplementedError
+
+    def named_sizes(self, arch: Any) -> Dict[str, Any]:
+        """Named sub-networks (``{"ViT-S": Subnet(384, 12)}``) that exist in ``arch``'s space."""
+        return {}
+
+    def feature_dim(self, arch: Any, width: int) -> int:
+        """Width of the [CLS] feature of a sub-network of this width (the heads' input)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ extraction
+    def extract_tensors(self, state: Dict[str, Any], arch: Any, sub: Any) -> Tuple[Any, Dict[str, Any]]:
+        """(dense arch, dense tensors) of ``sub`` from the intact ``state`` (name -> tensor).
+
+        Slicing and scaling only, so it is differentiable: the tests read which entries of every
+        parameter a sub-network uses from its gradient."""
+        raise NotImplementedError
+
+    def build_dense(self, dense_arch: Any, attn_backend: str = "sdpa"):
+        """An empty dense network of ``dense_arch`` (load the extracted tensors into it)."""
+        return self.build(dense_arch, drop_path_rate=0.0, attn_backend=attn_backend)
+
+    def timm_export(self, dense_arch: Any, state: Dict[str, Any]) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+        """``(model_name, create_model kwargs, state dict)`` such that ``timm.create_model(model_name,
+        pretrained=False, num_classes=0, **kwargs)`` loads ``state`` with ``strict=True`` and gives the
+        dense sub-network's features."""
+        raise NotImplementedError(f"backbone {self.name!r} has no timm export")
+
+    # ------------------------------------------------------------------ cost
+    def params(self, arch: Any, sub: Any = None) -> int:
+        """Parameters of the dense sub-network (default: intact), without the iBOT mask token."""
+        raise NotImplementedError
+
+    def gflops(self, arch: Any, sub: Any = None, img_size: Optional[int] = None) -> float:
+        """Multiply-accumulates (G) of one forward at ``img_size`` (fvcore/timm "GFLOPs")."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimizer
+    def num_layers(self, arch: Any) -> int:
+        """Layers of layer-wise lr decay: ids run 0 (embedding) .. num_layers + 1 (final norm, heads)."""
+        raise NotImplementedError
+
+    def layer_id(self, name: str, arch: Any) -> int:
+        raise NotImplementedError
+
+    def no_weight_decay(self, name: str) -> bool:
+        """True for backbone parameters without weight decay (besides biases, which never get it)."""
+        return False
+
+    def is_patch_embed(self, name: str) -> bool:
+        """Parameters that get ``optim.patch_embed_lr_mult``."""
+        return name.startswith("patch_embed.")
+
+    # ------------------------------------------------------------------ distribution, data
+    def sharding_units(self, backbone: Any) -> List[str]:
+        """Dotted names of the sub-modules FSDP2 shards one by one (and activation checkpointing /
+        ``torch.compile`` wrap); the backbone root owns whatever they leave out."""
+        raise NotImplementedError
+
+    def mask_grid(self, arch: Any, img_size: int) -> int:
+        """Side of the iBOT mask grid for a global crop of ``img_size``."""
+        raise NotImplementedError
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Register a family's spec under ``spec.name`` (its ``model.arch`` value)."""
+    if not spec.name or spec.name in _REGISTRY and type(_REGISTRY[spec.name]) is not type(spec):
+        raise ValueError(f"backbone {spec.name!r}: empty name or registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+_loaded = False
+
+
+def load_families() -> None:
+    """Import every family sub-package of ``poa_hpc.models`` (each registers its spec)."""
+    global _loaded
+    if _loaded:
+        return
+    import poa_hpc.models as models
+
+    for info in pkgutil.iter_modules(models.__path__):
+        if info.ispkg:
+            importlib.import_module(f"poa_hpc.models.{info.name}")
+    _loaded = True
+
+
+def backbone_names() -> Tuple[str, ...]:
+    load_families()
+    return tuple(_REGISTRY)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    load_families()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone {name!r}; registered: {list(_REGISTRY)}") from None

@@ -1,0 +1,149 @@
+"""Contract tests every registered backbone family inherits (as timm's tests over ``list_models()``).
+
+For each family, on its tiny configuration (``tests/backbones.py``):
+* the elastic forward of sampled sub-networks equals the forward of the extracted dense network;
+* the gradient of a sub-network's forward lands only in the entries extraction reads;
+* layer ids and weight-decay exemptions equal a hand-written table;
+* ``poa subnets``, ``poa extract`` and ``poa eval knn`` work on a checkpoint of the family.
+The multi-process contract (FSDP / ZeRO == one process, SIGKILL then resume) is in
+``test_backbones_distributed.py``.
+"""
+
+import pytest
+import torch
+
+from backbones import MODEL, RULES, tiny
+from poa_hpc.cli import main
+from poa_hpc.config import load_config, to_dict
+from poa_hpc.models.registry import backbone_names, get_backbone
+from poa_hpc.models.subnets import SubnetSampler
+from poa_hpc.train.checkpoint import atomic_save
+from poa_hpc.train.meta_arch import POA
+from poa_hpc.train.optim import ParamRules
+
+FAMILIES = backbone_names()
+
+
+def cfg_of(family, *extra):
+    return load_config("configs/demo_cpu.yaml", tiny(family) + ["data.n_local=2", *extra])
+
+
+def trained_like(cfg, seed=0, dtype=torch.float64):
+    """The teacher backbone of a fresh POA model with biases, norms and LayerScales moved away from
+    their init, so every block and every channel matters."""
+    torch.manual_seed(seed)
+    model = POA(cfg)
+    bb = model.teacher_backbone().to(dtype).eval().requires_grad_(True)
+    with torch.no_grad():
+        for n, p in bb.named_parameters():
+            if n.endswith("bias") or "norm" in n or "gamma" in n or "bn" in n or "gn" in n or p.ndim <= 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model, bb
+
+
+def subnets_to_check(space, n=6):
+    sampler = SubnetSampler(space, seed=0)
+    subs = {sampler.sample(t) for t in range(n)} | {space.intact, min(space.all())}
+    return sorted(subs)
+
+
+def test_every_registered_family_has_a_tiny_config():
+    assert set(FAMILIES) == set(MODEL) == set(RULES)
+    assert "vit" in FAMILIES
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_elastic_forward_equals_extracted_dense_forward(family):
+    cfg = cfg_of(family)
+    model, bb = trained_like(cfg)
+    spec, arch = model.spec, cfg.model.section
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(3, 3, s, s, generator=g, dtype=torch.float64) for s in (cfg.data.global_size,
+                                                                                  cfg.data.local_size)]
+    for sub in subnets_to_check(model.space):
+        dense_arch, state = spec.extract_tensors(bb.state_dict(), arch, sub)
+        dense = spec.build_dense(dense_arch).double().eval()
+        dense.load_state_dict(state)
+        assert sum(p.numel() for n, p in dense.named_parameters() if "mask_token" not in n) == spec.params(arch, sub)
+        with torch.no_grad():
+            for x in views:
+                want = bb(x, sub.width, sub.depth, features=True)
+                got = dense(x, features=True)
+                assert got["x_norm_clstoken"].shape == (3, spec.feature_dim(arch, sub.width))
+                for k in ("x_norm_clstoken", "x_norm_patchtokens"):
+                    torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-10, msg=f"{sub} {k}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_land_only_in_the_entries_extraction_reads(family):
+    cfg = cfg_of(family)
+    model, bb = trained_like(cfg)
+    spec, arch = model.spec, cfg.model.section
+    params = dict(bb.named_parameters())
+    space = model.space
+    sub = min(s for s in space.all() if s.depth != space.intact.depth and s.width != space.intact.width)
+    # Which entries the dense sub-network is made of: extraction is slicing and scaling, so the
+    # gradient of the sum of its tensors is non-zero exactly there.
+    _, tensors = spec.extract_tensors(params, arch, sub)
+    used = torch.autograd.grad(sum(t.sum() for t in tensors.values()), list(params.values()), allow_unused=True)
+    used = {n: (u != 0) if u is not None else torch.zeros_like(p, dtype=torch.bool)
+            for (n, p), u in zip(params.items(), used)}
+    grid = spec.mask_grid(arch, cfg.data.global_size)
+    masks = torch.zeros(2, grid * grid, dtype=torch.bool)
+    masks[0, : grid] = True
+    x = torch.randn(2, 3, cfg.data.global_size, cfg.data.global_size, dtype=torch.float64)
+    out = bb(x, sub.width, sub.depth, masks=masks, features=True)
+    loss = (out["x_norm_clstoken"] * torch.randn_like(out["x_norm_clstoken"])).sum() + \
+        (out["x_norm_patchtokens"] * torch.randn_like(out["x_norm_patchtokens"])).sum()
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    touched = 0
+    for (n, p), gr in zip(params.items(), grads):
+        gr = torch.zeros_like(p) if gr is None else gr
+        assert gr[~used[n]].abs().max().item() == 0 if (~used[n]).any() else True, f"{sub}: gradient outside the slice of {n}"
+        touched += bool(gr[used[n]].abs().sum() > 0)
+    # every parameter the sub-network is made of gets a gradient (all but a handful, e.g. biases whose
+    # effect a following norm cancels)
+    assert touched >= 0.9 * sum(bool(u.any()) for u in used.values())
+    assert any(not u.any() for u in used.values()) or len(space.depths) == 1  # skipped blocks exist
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_ids_and_weight_decay_by_hand(family):
+    cfg = cfg_of(family, "optim.layer_decay=0.5", "optim.patch_embed_lr_mult=0.2")
+    model = POA(cfg)
+    rules = ParamRules(cfg)
+    expect = RULES[family]
+    names = [n for n, _ in model.student.named_parameters()]
+    for name in names:
+        layer, no_wd = expect(name)
+        assert rules.layer_id(name) == layer, name
+        lr, wd, last = rules(name)
+        assert wd == (0.0 if no_wd else 1.0), name
+        assert last == ("last_layer" in name), name
+        mult = 0.2 if name.startswith("backbone.") and get_backbone(family).is_patch_embed(name[9:]) else 1.0
+        assert lr == pytest.approx(0.5 ** (rules.num_layers + 1 - layer) * mult), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_subnets_extract_and_knn(family, tmp_path, capsys):
+    over = tiny(family)
+    cfg = cfg_of(family)
+    torch.manual_seed(0)
+    model = POA(cfg)
+    ckpt = tmp_path / "ckpt.pt"
+    atomic_save({"step": 3, "model": model.state_dict(), "config": to_dict(cfg)}, ckpt)
+    space = model.space
+
+    assert main(["subnets", "--config", "configs/demo_cpu.yaml", *over]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(space)} sub-networks" in out and str(min(space.all())) in out and "intact" in out
+
+    assert main(["extract", str(ckpt), "--all", "-o", str(tmp_path / "all")]) == 0
+    files = sorted((tmp_path / "all").glob("*.safetensors"))
+    assert len(files) == len(space) and all(f.name.startswith(f"{family}_") for f in files)
+
+    picked = [str(tmp_path / "all" / f"{family}_{s}.safetensors") for s in (min(space.all()), space.intact)]
+    capsys.readouterr()
+    assert main(["eval", "knn", *picked]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"{family}_")]
+    assert len(rows) == 2 and all(0.0 <= float(r.split()[-1].rstrip("%")) <= 100.0 for r in rows)
