@@ -44,19 +44,61 @@ def test_extracted_subnet_equals_elastic_forward_demo_model():
 
 
 def test_extracted_subnet_matches_timm_vit():
+    """At the native size and at the local-crop size: timm resizes position embeddings itself (antialiased,
+    to ``size=``), so the export carries the embedding already resized for the size it is built for."""
     timm = pytest.importorskip("timm")
     cfg, model = demo_model()
     backbone = model.teacher_backbone().eval()
     arch, state = extract_state_dict(backbone, Subnet(64, 4))
+    for size in (32, cfg.data.local_size, 24):  # native 8x8 grid, local crops 4x4, and 6x6
+        name, kwargs, timm_state = get_backbone("vit").timm_export(arch, state, img_size=size)
+        ref = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+        ref.load_state_dict(timm_state, strict=True)
+        x = torch.randn(3, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(ref(x), backbone(x, 64, 4), rtol=1e-5, atol=1e-5)
+    # the embedding timm would make itself at 16 px is not ours: that is why it is exported resized
     _, kwargs, timm_state = get_backbone("vit").timm_export(arch, state)
-    ref = timm.models.vision_transformer.VisionTransformer(**kwargs, num_classes=0).eval()
-    ref.load_state_dict(timm_state)
-    x = torch.randn(3, 3, 32, 32)
+    dyn = timm.create_model(name, pretrained=False, num_classes=0, **kwargs, dynamic_img_size=True).eval()
+    dyn.load_state_dict(timm_state)
+    x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(ref(x), backbone(x, 64, 4), rtol=1e-5, atol=1e-5)
-        # local-crop resolution: both interpolate the position embedding bicubically
-        xs = torch.randn(2, 3, 32, 32)
-        torch.testing.assert_close(ref(xs), backbone(xs, 64, 4), rtol=1e-5, atol=1e-5)
+        assert (dyn(x) - backbone(x, 64, 4)).abs().max() > 1e-3
+
+
+def dinov2_interpolate(pos_embed, w, h, patch_size, offset=0.1):
+    """DINOv2's / the authors' ``interpolate_pos_encoding`` (scale_factor form), written out as they do."""
+    import math
+
+    N = pos_embed.shape[1] - 1
+    class_pos_embed, patch_pos_embed = pos_embed[:, 0], pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch_size + offset, h // patch_size + offset
+    sqrt_n = math.sqrt(N)
+    patch_pos_embed = torch.nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(sqrt_n), int(sqrt_n), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / sqrt_n, h0 / sqrt_n), mode="bicubic")
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+@pytest.mark.parametrize("offset", [0.1, 0.0])
+def test_position_embedding_at_other_sizes_follows_the_authors(offset):
+    """224 -> 96 px (14x14 -> 6x6 grid): scale_factor (g + 0.1) / G by default, size=(g, g) with offset 0."""
+    arch = ViTArch(img_size=224, patch_size=16, embed_dim=64, depth=1, num_heads=1, interpolate_offset=offset)
+    torch.manual_seed(0)
+    m = build_vit(arch)
+    pos = m.pos_embed.detach()
+    got = m._pos_embed(6, 6, 64)
+    if offset:
+        want = dinov2_interpolate(pos, 96, 96, 16)
+    else:
+        patch = torch.nn.functional.interpolate(pos[:, 1:].reshape(1, 14, 14, 64).permute(0, 3, 1, 2), size=(6, 6),
+                                                mode="bicubic")
+        want = torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, 36, 64)], 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if not offset:  # the two forms differ: the choice is recorded with every extracted sub-network
+        assert (dinov2_interpolate(pos, 96, 96, 16) - got).abs().max() > 1e-3
 
 
 def test_sizes_match_timm_and_the_literature():

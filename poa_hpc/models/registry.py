@@ -84,10 +84,11 @@ class BackboneSpec:
         """An empty dense network of ``dense_arch`` (load the extracted tensors into it)."""
         return self.build(dense_arch, drop_path_rate=0.0, attn_backend=attn_backend)
 
-    def timm_export(self, dense_arch: Any, state: Dict[str, Any]) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    def timm_export(self, dense_arch: Any, state: Dict[str, Any], img_size: Optional[int] = None
+                    ) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
         """``(model_name, create_model kwargs, state dict)`` such that ``timm.create_model(model_name,
         pretrained=False, num_classes=0, **kwargs)`` loads ``state`` with ``strict=True`` and gives the
-        dense sub-network's features."""
+        dense sub-network's features on ``img_size`` inputs (default: the native size)."""
         raise NotImplementedError(f"backbone {self.name!r} has no timm export")
 
     # ------------------------------------------------------------------ cost

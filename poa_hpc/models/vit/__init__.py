@@ -11,7 +11,7 @@ from poa_hpc.kernels.sliced_linear import slice_rows
 from poa_hpc.models.elastic import block_ids
 from poa_hpc.models.registry import BackboneSpec, register_backbone
 from poa_hpc.models.subnets import Subnet, SubnetSpace
-from poa_hpc.models.vit.model import ElasticViT, ViTArch, build_vit, count_params, vit_gflops
+from poa_hpc.models.vit.model import ElasticViT, ViTArch, build_vit, count_params, resize_pos_embed, vit_gflops
 
 __all__ = ["ElasticViT", "ViTArch", "build_vit", "count_params", "vit_gflops", "ViTSpec"]
 
@@ -113,20 +113,31 @@ class ViTSpec(BackboneSpec):
             out.update({dst + k: v for k, v in blk.items()})
         return dense, out
 
-    def timm_export(self, dense: ViTArch, state: Dict[str, torch.Tensor]):
+    def timm_export(self, dense: ViTArch, state: Dict[str, torch.Tensor], img_size: Optional[int] = None):
         """timm's ``VisionTransformer`` with the same names (timm has no mask token); the named sizes
         map to timm's registered models, any other sub-network to ``vit_small_patch16_224`` with
-        kwargs overriding its shape."""
+        kwargs overriding its shape.
+
+        timm resizes the position embedding itself (``dynamic_img_size``) with an antialiased bicubic
+        to ``size=(g, g)``, not with the authors' ``scale_factor=(g + 0.1) / G``: at another input
+        size its features would differ (17 % at 96 px).  So the embedding is exported already resized
+        for ``img_size`` and timm's model is built for that size, where it resizes nothing."""
+        size = img_size or dense.img_size
+        if size % dense.patch_size:
+            raise ValueError(f"img_size {size} is not a multiple of the patch size {dense.patch_size}")
+        g = size // dense.patch_size
+        out = {k: v for k, v in state.items() if k != "mask_token"}
+        if size != dense.img_size:
+            out["pos_embed"] = resize_pos_embed(state["pos_embed"], g, g, dense.interpolate_offset)
         kwargs = dict(
-            img_size=dense.img_size, patch_size=dense.patch_size, in_chans=dense.in_chans,
+            img_size=size, patch_size=dense.patch_size, in_chans=dense.in_chans,
             embed_dim=dense.embed_dim, depth=dense.depth, num_heads=dense.num_heads, mlp_ratio=dense.mlp_ratio,
             qkv_bias=dense.qkv_bias, init_values=dense.layerscale_init, global_pool="token", class_token=True,
-            dynamic_img_size=True,
         )
         names = {(384, 12): "vit_small_patch16_224", (768, 12): "vit_base_patch16_224",
                  (1024, 24): "vit_large_patch16_224"}
         name = names.get((dense.embed_dim, dense.depth), "vit_small_patch16_224")
-        return name, kwargs, {k: v for k, v in state.items() if k != "mask_token"}
+        return name, kwargs, out
 
     def params(self, a: ViTArch, sub: Optional[Subnet] = None) -> int:
         return count_params(a if sub is None else a.sub(sub.width, sub.depth))

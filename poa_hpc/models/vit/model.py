@@ -112,6 +112,10 @@ class ViTArch:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     layerscale_init: float = 1e-5
+    # Position embedding at another input size (local crops, evaluation at other resolutions): the
+    # patch grid G x G is resized bicubically with scale_factor (g + offset) / G, as the authors and
+    # DINOv2 (interpolate_offset 0.1, no antialias); 0 resizes to size (g, g) instead.
+    interpolate_offset: float = 0.1
     drop_path_rate: float = 0.2  # uniform over blocks (the authors' ViT-L drop_path_uniform)
     # Elastic space (spec §1): widths min_width, min_width + width_step, ..., embed_dim (one head
     # per step); depths min_depth..depth; eq. 14 sampling with s = sampling_s.
@@ -174,11 +178,7 @@ class ElasticViT(ElasticBackbone):
         pos = self.pos_embed[..., :width]
         if h == self.grid and w == self.grid:
             return pos
-        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
-        patch_pos = patch_pos.reshape(1, self.grid, self.grid, width).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, width)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resize_pos_embed(pos, h, w, self.arch.interpolate_offset)
 
     def forward_features(
         self,
@@ -208,6 +208,26 @@ class ElasticViT(ElasticBackbone):
         tokens = self.run_blocks(self.blocks, block_ids(self.depth, depth), tokens)
         tokens = self.norm(tokens)
         return {"x_norm_clstoken": tokens[:, 0], "x_norm_patchtokens": tokens[:, 1:]}
+
+
+def resize_pos_embed(pos: torch.Tensor, h: int, w: int, offset: float) -> torch.Tensor:
+    """The (1, 1 + G*G, C) position embedding for an h x w patch grid: the [CLS] entry as is, the
+    patch grid resized bicubically in float32 (no antialias) with ``scale_factor = (h + offset) / G``
+    as the authors and DINOv2 (``interpolate_offset``), or to ``size=(h, w)`` when ``offset`` is 0."""
+    grid = int(round((pos.shape[1] - 1) ** 0.5))
+    width = pos.shape[-1]
+    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    patch_pos = patch_pos.reshape(1, grid, grid, width).permute(0, 3, 1, 2).float()
+    if offset:
+        patch_pos = F.interpolate(patch_pos, scale_factor=((h + offset) / grid, (w + offset) / grid), mode="bicubic",
+                                  align_corners=False)
+    else:
+        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
+    if patch_pos.shape[-2:] != (h, w):
+        raise ValueError(f"position embedding resized to {tuple(patch_pos.shape[-2:])}, expected {(h, w)} "
+                         f"(interpolate_offset {offset})")
+    patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, width)
+    return torch.cat([cls_pos, patch_pos], dim=1)
 
 
 def build_vit(arch: ViTArch, drop_path_rate: float = 0.0, linear_backend: str = "torch", attn_backend: str = "sdpa") -> ElasticViT:
