@@ -28,6 +28,8 @@ def test_paper_config_values():
         ("model.embed_dim=100", "model.embed_dim"),
         ("model.elastic.min_depth=99", "model.elastic.min_depth"),
         ("data.local_size=17", "data.local_size"),
+        ("train.collapse_tolerance=1.5", "train.collapse_tolerance"),
+        ("train.collapse_patience=-1", "train.collapse_patience"),
         ("nonsense", "key=value"),
     ],
 )

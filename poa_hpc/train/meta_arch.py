@@ -32,6 +32,7 @@ from poa_hpc.losses import dino_cross_view_loss, ibot_patch_loss, koleo_loss, sa
 from poa_hpc.models.heads import build_heads
 from poa_hpc.models.subnets import Subnet, SubnetSpace
 from poa_hpc.models.vit import ElasticViT, ViTArch, build_vit
+from poa_hpc.train.watchdog import collapse_stats
 
 
 def vit_arch(cfg: POAConfig) -> ViTArch:
@@ -183,11 +184,15 @@ class POA(nn.Module):
         ibot: bool,
         backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
         autocast: Callable[[], object] | None = None,
+        stats: bool = False,
     ) -> Dict[str, float]:
         """One POA step's forward and backward; returns the detached loss terms.
 
         ``backward`` is the engine's backward (plain ``loss.backward()`` here),
-        ``autocast`` a context factory for mixed precision.
+        ``autocast`` a context factory for mixed precision.  With ``stats`` (the
+        trainer's logged steps) the per-head collapse statistics of
+        :mod:`poa_hpc.train.watchdog` are added, computed from the teacher targets
+        and intact logits this step already has.
         """
         import contextlib
 
@@ -215,6 +220,9 @@ class POA(nn.Module):
         out = {"loss": loss_i.detach() + loss_e.detach()}
         out.update({f"intact/{k}": torch.as_tensor(v).detach() for k, v in ti.items()})
         out.update({f"elastic/{k}": torch.as_tensor(v).detach() for k, v in te.items()})
+        if stats:
+            out.update(collapse_stats([t["cls"] for t in targets], [lg["global"] for lg in intact_logits],
+                                      lc.student_temp))
         return {k: float(v) for k, v in out.items()}
 
     @torch.no_grad()
