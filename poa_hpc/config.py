@@ -130,6 +130,11 @@ class TrainConfig:
     max_steps: int = 0  # 0: epochs * iters_per_epoch; otherwise stop early at this step
     tensorboard: bool = False
     progress: bool = True
+    # Collapse watchdog (poa_hpc/train/watchdog.py): warn once when, for every head, the teacher-target
+    # and student entropies of the global [CLS] have been >= (1 - collapse_tolerance) * ln K for
+    # collapse_patience consecutive logged steps.  0 disables the warning (the statistics are still logged).
+    collapse_tolerance: float = 0.01
+    collapse_patience: int = 20
 
 
 @dataclass
@@ -206,6 +211,10 @@ def validate(cfg: POAConfig) -> POAConfig:
         raise ConfigError(f"key 'loss.lam': {cfg.loss.lam} must be in [0, 1]")
     if not (0 < cfg.optim.schedule_fraction <= 1.0):
         raise ConfigError(f"key 'optim.schedule_fraction': {cfg.optim.schedule_fraction} must be in (0, 1]")
+    if not (0.0 <= cfg.train.collapse_tolerance < 1.0):
+        raise ConfigError(f"key 'train.collapse_tolerance': {cfg.train.collapse_tolerance} must be in [0, 1)")
+    if cfg.train.collapse_patience < 0:
+        raise ConfigError(f"key 'train.collapse_patience': {cfg.train.collapse_patience} must be >= 0 (0 disables)")
     if cfg.optim.batch_size < 2:
         raise ConfigError(f"key 'optim.batch_size': {cfg.optim.batch_size} must be >= 2 (KoLeo needs neighbours)")
     return cfg

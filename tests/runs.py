@@ -69,9 +69,11 @@ def assert_same_run(a, b, rel=2e-5, ibot=True):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     if ibot:
         assert any("intact/ibot" in r for r in a)
+    assert all("collapse/logit_spread_h1" in r for r in a + b)  # the watchdog's statistics, averaged over ranks
     for x, y in zip(a, b):
         assert (x["width"], x["depth"]) == (y["width"], y["depth"])
-        for k in ("loss", "intact/dino", "elastic/dino", "elastic/same_view", "intact/ibot", "grad_norm"):
+        for k in ("loss", "intact/dino", "elastic/dino", "elastic/same_view", "intact/ibot", "grad_norm",
+                  "collapse/teacher_entropy_h0", "collapse/student_entropy_h1", "collapse/logit_spread_h0"):
             if k in x:
                 assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-6), (x["step"], k, x[k], y[k])
 

@@ -29,6 +29,8 @@ def test_paper_config_values():
         ("model.vit.min_depth=99", "model.vit.min_depth"),
         ("model.arch=alexnet", "model.arch"),
         ("data.local_size=17", "data.local_size"),
+        ("train.collapse_tolerance=1.5", "train.collapse_tolerance"),
+        ("train.collapse_patience=-1", "train.collapse_patience"),
         ("nonsense", "key=value"),
     ],
 )

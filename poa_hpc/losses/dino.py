@@ -30,29 +30,44 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iters: int = 3, n_rows: 
 
     Args:
         logits: (B, K) local teacher logits; rows are samples (or masked patches).
+            B may be 0 on some ranks (e.g. no masked patch there): such a rank still
+            takes part in every all-reduce.
         temp: teacher temperature.
         n_iters: normalisation rounds.
         n_rows: global number of rows over all ranks (default: all-reduced B).
 
-    Each sample's max score is subtracted before ``exp`` (spec §0: the
-    authors' version overflows once logits / 0.04 is large).  The shift is a
-    per-sample rescaling, which Sinkhorn's normalisation absorbs: the fixed
-    point is unchanged (tests check the many-iteration limit against the
-    unshifted formula).  A prototype whose mass underflows to zero keeps zero
-    mass instead of turning into 0/0.
+    Overflow guard (spec §0): the authors' ``exp(logits / temp)`` overflows once
+    logits / temp exceeds ~88 in fp32.  Before ``exp``, each *prototype's* max
+    score over all samples of all ranks (an all-reduce MAX of K values) is
+    subtracted.  That multiplies row k of Q (K x B) by one constant c_k, which the
+    first per-prototype normalisation divides out exactly, so any n_iters >= 1
+    gives the unshifted formula's result, up to rounding, not just its limit.
+    (A per-*sample* shift would not: the first normalisation is per prototype, so
+    the per-sample factors survive every finite number of rounds.)  Every
+    prototype keeps an entry equal to 1, so none underflows to zero mass.  With
+    n_iters = 0 only the total is normalised, so the single global max is
+    subtracted instead.  A prototype or sample whose mass still underflows to
+    zero keeps zero mass instead of turning into 0/0 (with weight-normalised
+    prototypes on L2-normalised features the scores of one prototype span about
+    2 / temp = 50 at temp 0.04, far from fp32's exp underflow near -87).
     """
     scores = upcast(logits) / temp
-    if scores.shape[0] == 0:  # this rank holds no row (e.g. no masked patch): an empty (0, K) max
-        Q = scores.t().clone()
-    else:
-        Q = torch.exp(scores - scores.max(dim=1, keepdim=True).values).t()  # K x B, every sample has a 1
-    K = Q.shape[0]
-    tiny = torch.finfo(Q.dtype).tiny
+    B, K = scores.shape
     if n_rows is None:
-        n_rows = int(_all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device)).item())
-    if n_rows == 0:
-        return Q.t()
-    Q /= _all_reduce(Q.sum())
+        n_rows = int(_all_reduce(torch.tensor(float(B), device=scores.device)).item())
+    if n_rows == 0:  # no rank holds a row: nothing to normalise (every rank returns here)
+        return scores.clone()
+    if B:
+        shift = scores.amax(dim=0)
+    else:  # no row here: contribute nothing to the MAX
+        shift = torch.full((K,), -torch.inf, dtype=scores.dtype, device=scores.device)
+    shift = _all_reduce(shift, dist.ReduceOp.MAX)
+    if n_iters == 0:  # only the total is normalised: one global shift is what cancels there
+        shift = shift.amax().expand(K)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # no exp(-inf - -inf)
+    Q = torch.exp(scores - shift).t()  # K x B; each prototype's largest entry over all ranks is 1
+    tiny = torch.finfo(Q.dtype).tiny
+    Q /= _all_reduce(Q.sum()).clamp_min(tiny)
     for _ in range(n_iters):
         Q /= _all_reduce(Q.sum(dim=1, keepdim=True)).clamp_min(tiny)  # each prototype gets mass 1/K
         Q /= K

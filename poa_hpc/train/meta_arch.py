@@ -33,6 +33,7 @@ from poa_hpc.models.elastic import ElasticBackbone
 from poa_hpc.models.heads import build_heads
 from poa_hpc.models.registry import BackboneSpec, get_backbone
 from poa_hpc.models.subnets import Subnet
+from poa_hpc.train.watchdog import collapse_stats
 
 
 class Branch(nn.Module):
@@ -184,11 +185,15 @@ class POA(nn.Module):
         ibot: bool,
         backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
         autocast: Callable[[], object] | None = None,
+        stats: bool = False,
     ) -> Dict[str, float]:
         """One POA step's forward and backward; returns the detached loss terms.
 
         ``backward`` is the engine's backward (plain ``loss.backward()`` here),
-        ``autocast`` a context factory for mixed precision.
+        ``autocast`` a context factory for mixed precision.  With ``stats`` (the
+        trainer's logged steps) the per-head collapse statistics of
+        :mod:`poa_hpc.train.watchdog` are added, computed from the teacher targets
+        and intact logits this step already has.
         """
         import contextlib
 
@@ -216,6 +221,9 @@ class POA(nn.Module):
         out = {"loss": loss_i.detach() + loss_e.detach()}
         out.update({f"intact/{k}": torch.as_tensor(v).detach() for k, v in ti.items()})
         out.update({f"elastic/{k}": torch.as_tensor(v).detach() for k, v in te.items()})
+        if stats:
+            out.update(collapse_stats([t["cls"] for t in targets], [lg["global"] for lg in intact_logits],
+                                      lc.student_temp))
         return {k: float(v) for k, v in out.items()}
 
     @torch.no_grad()

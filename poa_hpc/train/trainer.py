@@ -33,6 +33,7 @@ from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.schedules import build_schedules
 from poa_hpc.train.stop import StopRequest
+from poa_hpc.train.watchdog import CollapseWatchdog
 
 log = logging.getLogger("poa_hpc.train")
 
@@ -142,6 +143,7 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     engine = build_engine(cfg.dist, ctx, cfg.train.amp, cfg.optim.clip_grad, cfg.optim.batch_size)
     optimizer = engine.setup(model, lambda named: build_optimizer(named, cfg))
     start_step = 0
+    saved_watchdog = None
     if resume:
         if not engine.has_checkpoint(ckpt_dir):
             log.info("resume requested but %s has no checkpoint; starting from scratch", ckpt_dir)
@@ -151,6 +153,7 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
             except ValueError as exc:
                 raise ResumeError(str(exc)) from None
             start_step = int(meta["step"])
+            saved_watchdog = meta.get("watchdog")
             log.info("resumed from %s at step %d (%s engine, %d ranks)", ckpt_dir, start_step, engine.name, world_size)
 
     loader, iters_per_epoch = build_train_loader(cfg, rank=rank, world_size=world_size, start_step=start_step)
@@ -158,6 +161,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
     sched = build_schedules(cfg, iters_per_epoch, world_size)
     sampler = SubnetSampler(model.space, cfg.train.seed, rank, cfg.model.rank_sampling)
+    watchdog = CollapseWatchdog(cfg.head.prototypes, cfg.train.collapse_tolerance, cfg.train.collapse_patience)
+    watchdog.load_state_dict(saved_watchdog)  # warn once per run, resumed or not
     ibot_start = cfg.loss.ibot_start_epoch * iters_per_epoch
     autocast = autocast_factory(cfg.train.amp, device)
     global_batch = cfg.optim.batch_size * world_size
@@ -191,8 +196,9 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
             s = sched.at(step)
             apply_schedules(optimizer, s["lr"], s["wd"], s["last_layer_lr"])
             sub = sampler.sample(step)
+            logged = step % cfg.train.log_every == 0 or step == end - 1
             terms = model.forward_backward(batch, sub, s["teacher_temp"], ibot=step >= ibot_start,
-                                           backward=engine.backward, autocast=autocast)
+                                           backward=engine.backward, autocast=autocast, stats=logged)
             # Decide on all-reduced values: a rank stopping alone would deadlock the others.
             got = stop is not None and stop.signal is not None
             terms = all_reduce_mean({**terms, "n_skipped": float(batch.get("n_skipped", 0)),
@@ -216,10 +222,15 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
             record = {"step": step, "epoch": step // iters_per_epoch, "width": sub.width, "depth": sub.depth,
                       "lr": s["lr"], "wd": s["wd"], "momentum": s["momentum"], "teacher_temp": s["teacher_temp"],
                       "grad_norm": grad_norm, "img_per_s": ips, "skipped_images": skipped, **terms}
+            if logged:  # every rank feeds the same all-reduced record; the main rank warns
+                warning = watchdog.update(record)
+                if warning is not None and ctx.is_main:
+                    log.warning(warning)
+                record["collapsed"] = int(watchdog.collapsed)
             last_record = record
-            if metrics is not None and (step % cfg.train.log_every == 0 or step == end - 1):
+            if metrics is not None and logged:
                 metrics.write(record)
-            if log_lines and (step % cfg.train.log_every == 0 or step == end - 1):
+            if log_lines and logged:
                 log.info("step %d/%d  loss %.4f  lr %.2e  sub %s  %.0f img/s", step, end, terms["loss"], s["lr"],
                          sub, ips)
             if bar is not None:
@@ -232,12 +243,12 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                 skipped_at_epoch_start = skipped
             if stop_ranks > 0.5:  # some rank got a stop signal: all checkpoint this step and return
                 interrupted = _signal_name(stop, stop_signal / round(stop_ranks))
-                engine.save(ckpt_dir, step + 1, meta)
+                engine.save(ckpt_dir, step + 1, {**meta, "watchdog": watchdog.state_dict()})
                 end = step + 1
                 log.warning("stopped by %s after step %d; checkpoint saved in %s", interrupted, step, ckpt_dir)
                 break
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
-                engine.save(ckpt_dir, step + 1, meta)
+                engine.save(ckpt_dir, step + 1, {**meta, "watchdog": watchdog.state_dict()})
     finally:
         if bar is not None:
             bar.close()
