@@ -3,6 +3,7 @@
     poa train   --config CFG [--resume] [--nproc N] [key=value ...]
     poa submit  --config CFG --nodes N --gpus-per-node G --partition P --time T [key=value ...]
     poa extract CKPT (--width W --depth D | --subnet WxD|NAME ... | --all) -o OUT
+    poa export  CKPT_OR_SUBNET [--format timm|safetensors] [--subnet WxD|NAME ... | --all] [--img-size S] -o DIR
     poa eval knn SUBNET.safetensors ... [--config CFG] [key=value ...]
     poa subnets --config CFG
     poa demo    [--output-dir DIR] [key=value ...]
@@ -135,6 +136,48 @@ def cmd_extract(args: argparse.Namespace) -> int:
     paths = extract_to(cfg, backbone, subs, out, single, step, f"{args.checkpoint}:{args.branch}")
     for p in paths:
         print(p)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Sub-networks of a run (or one extracted file) as timm models or poa_hpc safetensors files."""
+    from poa_hpc.config import to_dict
+    from poa_hpc.models.extract import export_timm, extract_state_dict, read_subnet, save_subnet
+    from poa_hpc.models.registry import get_backbone
+
+    src = Path(args.source)
+    items = []  # (family, dense arch, tensors, sub-network, provenance)
+    if src.suffix == ".safetensors":
+        if args.subnet or args.all or args.width is not None or args.depth is not None:
+            raise UsageError(f"'{src}' holds one extracted sub-network; --subnet/--all/--width/--depth select "
+                             "sub-networks of a run or checkpoint")
+        try:
+            family, arch, state, meta = read_subnet(src)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        sub = get_backbone(family).space(arch).intact
+        items.append((family, arch, state, sub, {"source": str(src), "step": meta.get("step"),
+                                                 "run": meta.get("source"), "config": meta.get("config")}))
+    else:
+        cfg, backbone, step = _load_teacher(args.source, args.branch)
+        spec = get_backbone(cfg.model.arch)
+        for sub in _subnets_from_args(args, spec.space(cfg.model.section), spec.named_sizes(cfg.model.section)):
+            arch, state = extract_state_dict(backbone, sub)
+            items.append((cfg.model.arch, arch, state, sub, {"source": f"{args.source}:{args.branch}", "step": step,
+                                                            "run": str(src), "config": to_dict(cfg)}))
+    out = Path(args.output)
+    for family, arch, state, sub, prov in items:
+        stem = out / f"{family}_{sub}"
+        if args.format == "safetensors":
+            print(save_subnet(stem.with_suffix(".safetensors"), family, arch, state, width=sub.width, depth=sub.depth,
+                              step=prov["step"], source=prov["source"], config=prov["config"]))
+            continue
+        try:
+            weights, info = export_timm(stem, family, arch, state, img_size=args.img_size, run=prov["run"],
+                                        step=prov["step"], width=sub.width, depth=sub.depth)
+        except (NotImplementedError, ValueError) as exc:
+            raise UsageError(f"--format timm: {exc}") from None
+        print(f"{weights}  {info}")
     return 0
 
 
@@ -274,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--branch", choices=("teacher", "student"), default="teacher")
     e.add_argument("-o", "--output", required=True, help=".safetensors file (one sub-network) or folder")
     e.set_defaults(func=cmd_extract)
+
+    x = sub.add_parser("export", help="write sub-networks as timm models (safetensors + JSON) or poa_hpc files")
+    x.add_argument("source", help="run folder / training checkpoint, or one extracted .safetensors file")
+    x.add_argument("--format", choices=("timm", "safetensors"), default="timm",
+                   help="timm: state dict + JSON for timm.create_model; safetensors: poa_hpc files (as poa extract)")
+    x.add_argument("--subnet", action="append", help="WIDTHxDEPTH or a named size (ViT-S), repeatable")
+    x.add_argument("--all", action="store_true", help="every sub-network of the elastic space")
+    x.add_argument("--width", type=int)
+    x.add_argument("--depth", type=int)
+    x.add_argument("--img-size", type=int, help="input size the timm model is built for (default: the native size)")
+    x.add_argument("--branch", choices=("teacher", "student"), default="teacher")
+    x.add_argument("-o", "--output", required=True, help="output folder")
+    x.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="evaluate extracted sub-networks")
     evs = ev.add_subparsers(dest="eval_command", required=True)

@@ -9,6 +9,8 @@ The multi-process contract (FSDP / ZeRO == one process, SIGKILL then resume) is 
 ``test_backbones_distributed.py``.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -147,3 +149,70 @@ def test_cli_subnets_extract_and_knn(family, tmp_path, capsys):
     assert main(["eval", "knn", *picked]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"{family}_")]
     assert len(rows) == 2 and all(0.0 <= float(r.split()[-1].rstrip("%")) <= 100.0 for r in rows)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_poa_export_timm_gives_the_same_features(family, tmp_path, capsys):
+    """`poa export --format timm` (run -> timm state dict + JSON) loads strictly into timm.create_model and
+    gives the elastic teacher's features, at the native and at the local-crop input size."""
+    timm = pytest.importorskip("timm")
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = cfg_of(family)
+    model, bb = trained_like(cfg, dtype=torch.float32)
+    ckpt = tmp_path / "ckpt.pt"
+    atomic_save({"step": 5, "model": model.state_dict(), "config": to_dict(cfg)}, ckpt)
+    subs = [min(model.space.all()), model.space.intact]
+    for size in (cfg.data.global_size, cfg.data.local_size):
+        out = tmp_path / f"export{size}"
+        assert main(["export", str(ckpt), "--format", "timm", *[a for s in subs for a in ("--subnet", str(s))],
+                     "--img-size", str(size), "-o", str(out)]) == 0
+        for sub in subs:
+            meta = json.loads((out / f"{family}_{sub}.json").read_text())
+            assert meta["input_size"] == [3, size, size] and meta["poa_hpc"]["step"] == 5
+            assert meta["poa_hpc"]["width"] == sub.width
+            ref = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["timm_kwargs"]).eval()
+            ref.load_state_dict(load_file(str(out / f"{family}_{sub}.safetensors")), strict=True)
+            x = torch.randn(2, 3, size, size)
+            with torch.no_grad():
+                diff = (ref(x) - bb(x, sub.width, sub.depth)).abs().max().item()
+            assert diff < 1e-5, (sub, size, diff)
+    # one extracted poa_hpc file -> timm, and the safetensors format round trip
+    assert main(["export", str(ckpt), "--format", "safetensors", "--subnet", str(subs[0]), "-o", str(tmp_path / "p")]) == 0
+    single = tmp_path / "p" / f"{family}_{subs[0]}.safetensors"
+    assert main(["export", str(single), "-o", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / f"{family}_{subs[0]}.json").is_file()
+    assert main(["export", str(single), "--all", "-o", str(tmp_path / "t")]) == 2
+    assert "holds one extracted sub-network" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_named_sizes_at_their_real_shapes_round_trip_through_timm(family):
+    """The paper's named sizes (ViT-S/B/L, ...) at their real widths and depths, cut from the family's
+    recipe network, load into timm and give the same features (fp32, small inputs to keep it fast)."""
+    timm = pytest.importorskip("timm")
+    from poa_hpc.cli import packaged_config
+    from poa_hpc.models.extract import extract_state_dict
+
+    spec = get_backbone(family)
+    cfg = load_config(packaged_config(spec.recipe))
+    arch = cfg.model.section
+    named = spec.named_sizes(arch)
+    assert named, f"{spec.recipe} names no sizes"
+    torch.manual_seed(0)
+    bb = spec.build(arch, drop_path_rate=0.0).eval()
+    size = 64  # a multiple of every family's total stride
+    for label, sub in named.items():
+        dense, state = extract_state_dict(bb, sub)
+        name, kwargs, timm_state = spec.timm_export(dense, state, img_size=size)
+        ref = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+        ref.load_state_dict(timm_state, strict=True)
+        # (built for `size`: a ViT's position embedding has that many entries)
+        assert sum(p.numel() for p in ref.parameters()) == spec.params(replace(arch, img_size=size), sub), label
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            diff = (ref(x) - bb(x, sub.width, sub.depth)).abs().max().item()
+        assert diff < 1e-5, (label, diff)
+        del ref, dense, state, timm_state

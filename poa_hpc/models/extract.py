@@ -39,22 +39,13 @@ def save_subnet(path: str | Path, family: str, arch: Any, state: Dict[str, torch
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": get_backbone(family).format, "arch": json.dumps(dataclasses.asdict(arch))}
     metadata.update({k: json.dumps(v) for k, v in meta.items()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.float().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _atomic_write(path, lambda tmp: save_file({k: v.float().contiguous() for k, v in state.items()}, tmp,
+                                              metadata=metadata))
     return path
 
 
-def load_subnet(path: str | Path, attn_backend: str = "sdpa"):
-    """Load a dense sub-network written by :func:`save_subnet` as a ready network (eval mode).
-
-    Returns ``(model, meta)``; ``meta`` holds what was recorded at extraction plus ``arch``
-    (the dense architecture) and ``family``."""
+def read_subnet(path: str | Path) -> Tuple[str, Any, Dict[str, torch.Tensor], dict]:
+    """``(family, dense arch, tensors, meta)`` of a file written by :func:`save_subnet`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sub-network file '{path}' does not exist")
@@ -71,12 +62,55 @@ def load_subnet(path: str | Path, attn_backend: str = "sdpa"):
     if family not in backbone_names():
         raise ValueError(f"'{path}' is not a poa_hpc sub-network (metadata format={fmt or None!r}; expected one of "
                          f"{['poa_hpc.' + n for n in backbone_names()]})")
-    spec = get_backbone(family)
-    arch = spec.config_cls(**json.loads(metadata["arch"]))
-    model = spec.build_dense(arch, attn_backend=attn_backend)
+    arch = get_backbone(family).config_cls(**json.loads(metadata["arch"]))
+    meta = {k: json.loads(v) for k, v in metadata.items() if k not in ("format", "arch")}
+    return family, arch, state, meta
+
+
+def load_subnet(path: str | Path, attn_backend: str = "sdpa"):
+    """Load a dense sub-network written by :func:`save_subnet` as a ready network (eval mode).
+
+    Returns ``(model, meta)``; ``meta`` holds what was recorded at extraction plus ``arch``
+    (the dense architecture) and ``family``."""
+    family, arch, state, meta = read_subnet(path)
+    model = get_backbone(family).build_dense(arch, attn_backend=attn_backend)
     model.load_state_dict(state)
     model.eval()
-    meta = {k: json.loads(v) for k, v in metadata.items() if k not in ("format", "arch")}
     meta["arch"] = arch
     meta["family"] = family
     return model, meta
+
+
+def export_timm(path: str | Path, family: str, arch: Any, state: Dict[str, torch.Tensor],
+                img_size: int | None = None, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                **provenance: object) -> Tuple[Path, Path]:
+    """Write ``<path>.safetensors`` (a timm state dict) and ``<path>.json`` such that::
+
+        meta = json.load(open("x.json"))
+        model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["timm_kwargs"])
+        model.load_state_dict(safetensors.torch.load_file("x.safetensors"))  # strict
+
+    gives the sub-network's features on ``input_size`` inputs normalised with ``mean`` / ``std``."""
+    spec = get_backbone(family)
+    name, kwargs, timm_state = spec.timm_export(arch, state, img_size=img_size)
+    size = kwargs.get("img_size") or img_size or getattr(arch, "img_size", None)
+    path = Path(path)
+    weights, info = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(weights, lambda tmp: save_file({k: v.float().contiguous() for k, v in timm_state.items()}, tmp))
+    meta = {"timm_model": name, "timm_kwargs": kwargs, "input_size": [getattr(arch, "in_chans", 3), size, size],
+            "mean": list(mean), "std": list(std),
+            "poa_hpc": {"family": family, "arch": dataclasses.asdict(arch), **provenance}}
+    _atomic_write(info, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return weights, info
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

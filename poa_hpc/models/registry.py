@@ -41,6 +41,8 @@ class BackboneSpec:
     config_cls: type = object
     #: one-line description for ``poa subnets`` and the README table
     description: str = ""
+    #: the packaged config of the paper's run for this family (``configs/``)
+    recipe: str = ""
     #: ``poa bench engines`` presets: name -> (packaged config file, dotted overrides)
     bench_presets: Dict[str, Tuple[str, List[str]]] = {}
 

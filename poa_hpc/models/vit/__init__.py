@@ -22,6 +22,7 @@ class ViTSpec(BackboneSpec):
     name = "vit"
     config_cls = ViTArch
     description = "elastic width (one head per step) and depth (equal-interval blocks)"
+    recipe = "vit_l_poa.yaml"
     bench_presets = {
         # ViT-L/16 POA as the paper; ViT-B/16 as the same recipe one size down (elastic 384..768, depth 6..12).
         "vit_l": ("vit_l_poa.yaml", []),
