@@ -137,7 +137,8 @@ def plot_sweep(rows: Sequence[Any], path: str | Path, *, title: str = "",
         ax.set_title(label + sub)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="lower right", fontsize=9)
-        fig.colorbar(sc, ax=ax, label="width", pad=0.01)
+        distinct = sorted(set(widths))
+        fig.colorbar(sc, ax=ax, label="width", pad=0.01, ticks=distinct if len(distinct) <= 12 else None)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -295,7 +295,8 @@ def run_sweep(
     teacher) on ``cfg``'s evaluation data (``data.*``, ``eval.*``); write ``sweep.json``,
     ``sweep.csv`` and ``sweep.png`` under ``out_dir`` when given.  Returns one row per sub-network,
     in the order given.  ``reference`` (rows of :func:`poa_hpc.eval.plot.read_reference`) is drawn
-    as a second series on the plot."""
+    as a second series on the plot.  The backbone is put in eval mode on ``device`` (default: CUDA
+    when available) and left there."""
     t0 = time.perf_counter()
     family = backbone.family
     spec, arch = get_backbone(family), cfg.model.section
