@@ -5,6 +5,8 @@
     poa extract CKPT (--width W --depth D | --subnet WxD|NAME ... | --all) -o OUT
     poa export  CKPT_OR_SUBNET [--format timm|safetensors] [--subnet WxD|NAME ... | --all] [--img-size S] -o DIR
     poa eval knn SUBNET.safetensors ... [--config CFG] [key=value ...]
+    poa eval sweep RUN_OR_CHECKPOINT [--subnets all|S,B,L|384x12,...] [--out DIR] [key=value ...]
+    poa eval linear SUBNET.safetensors ... [--config CFG] [key=value ...]
     poa subnets --config CFG
     poa demo    [--output-dir DIR] [key=value ...]
 
@@ -203,6 +205,135 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_lrs(text: str) -> tuple:
+    try:
+        lrs = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        lrs = ()
+    if not lrs or not all(lr > 0 for lr in lrs):
+        raise UsageError(f"--lrs {text!r}: expected comma-separated positive learning rates, e.g. 0.01,0.1,1")
+    return lrs
+
+
+def _check_probe_args(args: argparse.Namespace) -> None:
+    if args.train_per_class is not None and args.train_per_class < 1:
+        raise UsageError(f"--train-per-class {args.train_per_class}: expected a positive number of images per class")
+    if args.linear_epochs < 1:
+        raise UsageError(f"--linear-epochs {args.linear_epochs}: expected a positive number")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: expected a positive number")
+    if not args.max_feature_gb > 0:
+        raise UsageError(f"--max-feature-gb {args.max_feature_gb}: expected a positive size")
+
+
+def _run_folder(checkpoint: str) -> Path:
+    """The run folder of a checkpoint argument (a run folder, its checkpoints/ folder or a file in it)."""
+    p = Path(checkpoint)
+    if p.is_file():
+        p = p.parent
+    return p.parent if p.name == "checkpoints" else p
+
+
+def cmd_eval_sweep(args: argparse.Namespace) -> int:
+    from poa_hpc.config import to_dict
+    from poa_hpc.eval.plot import read_reference
+    from poa_hpc.eval.sweep import format_sweep_table, resolve_subnets, run_sweep
+
+    _check_probe_args(args)
+    lrs = _parse_lrs(args.lrs)
+    model_keys = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith("model.")]
+    if model_keys:
+        raise UsageError(f"override {model_keys[0]!r}: the model comes from the checkpoint; only data.* and eval.* "
+                         "apply to an evaluation")
+    try:
+        reference = read_reference(args.reference) if args.reference else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    train_cfg, backbone, step = _load_teacher(args.checkpoint, args.branch)
+    try:
+        subs = resolve_subnets(train_cfg.model.arch, train_cfg.model.section, args.subnets)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    # Data and evaluation settings: the run's, then --config, then overrides; the model stays the checkpoint's.
+    cfg = load_config(args.config, args.overrides, base=to_dict(train_cfg))
+    cfg.model = train_cfg.model
+    out = Path(args.out) if args.out else _run_folder(args.checkpoint) / "eval"
+    try:
+        rows = run_sweep(cfg, backbone, subs, out, source=f"{args.checkpoint}:{args.branch}", step=step,
+                         train_per_class=args.train_per_class or 0, linear=not args.no_linear, lrs=lrs,
+                         epochs=args.linear_epochs, seed=args.seed, batch_size=args.batch_size,
+                         reference=reference,
+                         reference_label=args.reference_label or (Path(args.reference).stem if args.reference else ""),
+                         max_feature_gb=args.max_feature_gb, progress=not args.no_progress)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(format_sweep_table(rows))
+    return 0
+
+
+def cmd_eval_linear(args: argparse.Namespace) -> int:
+    import torch
+
+    from poa_hpc.eval.evaluate import dense_cost
+    from poa_hpc.eval.sweep import SweepRow, eval_splits, evaluate_networks, format_sweep_table, warn_grid_edge
+    from poa_hpc.models.extract import load_subnet
+    from poa_hpc.models.registry import get_backbone
+
+    _check_probe_args(args)
+    lrs = _parse_lrs(args.lrs)
+    # `nargs="+"` also takes dotted overrides written after the files: an argument with '=' that is no file is one.
+    files = [a for a in args.subnets if "=" not in a or Path(a).exists()]
+    overrides = [a for a in args.subnets if a not in files] + list(args.overrides)
+    if not files:
+        raise UsageError("name the sub-network files written by `poa extract`")
+    models, meta0 = [], None
+    for path in files:
+        try:
+            model, meta = load_subnet(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        meta0 = meta0 or meta
+        models.append((Path(path).stem, model))
+    cfg = load_config(args.config, overrides, base=meta0.get("config"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        train, val, num_classes, _ = eval_splits(cfg, args.train_per_class or 0, args.seed)
+        img_size = int(val[0][0].shape[-1])
+        costs = [dense_cost(m, img_size) for _, m in models]
+        dims = [get_backbone(m.family).feature_dim(m.arch, sub.width) for (_, m), (sub, _, _) in zip(models, costs)]
+        n_img = len(train) + len(val)
+        print(f"linear probe: {n_img:,} images ({len(train):,} train + {len(val):,} val, {cfg.data.dataset} at "
+              f"{img_size} px) x {len(models)} networks = {n_img * len(models):,} forward passes "
+              f"(~{n_img * sum(c[2] for c in costs):,.0f} GFLOPs); learning rates {list(lrs)}, best on val")
+        extractors = [lambda x, m=m.to(device): m(x, features=True) for _, m in models]
+        results = evaluate_networks(extractors, train, val, num_classes, feature_dims=dims, knn=None, linear=True,
+                                    lrs=lrs, epochs=args.linear_epochs, seed=args.seed, batch_size=args.batch_size,
+                                    num_workers=cfg.data.num_workers, device=device,
+                                    max_feature_gb=args.max_feature_gb, progress=not args.no_progress)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    rows = [SweepRow(name, "", sub.width, sub.depth, params / 1e6, gflops, None, r.linear.top1, r.linear.lr)
+            for (name, _), (sub, params, gflops), r in zip(models, costs, results)]
+    warn_grid_edge(rows, lrs, print)
+    print(format_sweep_table(rows, title="linear probe (final-norm [CLS] + mean patch tokens; best lr on val)"))
+    return 0
+
+
+def _add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    from poa_hpc.eval.linear import LR_GRID
+
+    p.add_argument("--train-per-class", type=int, metavar="N",
+                   help="use N training images per class (seeded subsample; default: all)")
+    p.add_argument("--lrs", default=",".join(f"{v:g}" for v in LR_GRID),
+                   help="linear probe learning-rate grid, comma-separated (default: %(default)s)")
+    p.add_argument("--linear-epochs", type=int, default=100, help="linear probe epochs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsample and of the linear probe")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward batch (default: %(default)s)")
+    p.add_argument("--max-feature-gb", type=float, default=8.0,
+                   help="memory for cached features; more networks than fit are run in several passes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
 # ------------------------------------------------------------------ subnets
 def cmd_subnets(args: argparse.Namespace) -> int:
     from poa_hpc.models.registry import get_backbone
@@ -338,6 +469,28 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--config", help="config whose data/eval sections to use (default: recorded in the file)")
     k.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.root=/imagenet")
     k.set_defaults(func=cmd_eval_knn)
+    sw = evs.add_parser("sweep", help="k-NN and linear probe of many sub-networks straight from the elastic teacher; "
+                                      "JSON, CSV and an accuracy-vs-GFLOPs plot")
+    sw.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                    help="training checkpoint (file, or run folder with checkpoints/last.pt)")
+    sw.add_argument("--subnets", default="all",
+                    help="all (default), named sizes (ViT-S or S), WIDTHxDEPTH (384x12; 64x3-4-6-3), comma-separated")
+    sw.add_argument("--out", help="output folder (default: <run>/eval)")
+    sw.add_argument("--branch", choices=("teacher", "student"), default="teacher")
+    sw.add_argument("--no-linear", action="store_true", help="k-NN only")
+    sw.add_argument("--reference", metavar="CSV",
+                    help="reference points to plot (columns name,gflops,accuracy[,metric]), e.g. "
+                         "benchmarks/reference/poa_paper_vit.csv")
+    sw.add_argument("--reference-label", help="legend of the reference points (default: the file name)")
+    sw.add_argument("--config", help="config whose data/eval sections to use (default: the run's)")
+    _add_probe_arguments(sw)
+    sw.add_argument("overrides", nargs="*", default=[], help="dotted overrides of data.* / eval.*, e.g. data.root=/imagenet")
+    sw.set_defaults(func=cmd_eval_sweep)
+    li = evs.add_parser("linear", help="linear probe (DINOv2 protocol on cached features) of extracted sub-networks")
+    li.add_argument("subnets", nargs="+", help="sub-network .safetensors files written by `poa extract`")
+    li.add_argument("--config", help="config whose data/eval sections to use (default: recorded in the file)")
+    _add_probe_arguments(li)
+    li.set_defaults(func=cmd_eval_linear, overrides=[])
 
     s = sub.add_parser("subnets", help="list the elastic sub-networks and their sampling probabilities")
     s.add_argument("--config", required=True)
@@ -378,7 +531,13 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may also follow options (`poa eval sweep RUN --subnets S data.root=...`).
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
     from poa_hpc.launch.submit import SubmitError
     from poa_hpc.train.trainer import NonFiniteLossError, ResumeError

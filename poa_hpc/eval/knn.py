@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["extract_features", "weighted_knn"]
+__all__ = ["knn_features", "extract_features", "weighted_knn"]
+
+
+def knn_features(out: Tensor) -> Tensor:
+    """A batch of model outputs as k-NN features: float32, flattened to ``(B, D)``, L2-normalised along D.
+
+    Every k-NN path (``extract_features`` on dense models, the sweep on the elastic teacher) goes
+    through this one function, so equal model outputs give equal features."""
+    out = out.float().reshape(out.shape[0], -1)
+    return F.normalize(out, dim=-1)
 
 
 @torch.no_grad()
@@ -37,9 +46,7 @@ def extract_features(
     try:
         for batch in loader:
             images, targets = batch[0], batch[1]
-            out = model(images.to(device, non_blocking=True))
-            out = out.float().reshape(out.shape[0], -1)
-            feats.append(F.normalize(out, dim=-1))
+            feats.append(knn_features(model(images.to(device, non_blocking=True))))
             labels.append(torch.as_tensor(targets).reshape(-1).to(device=device, dtype=torch.long))
     finally:
         if was_training:
