@@ -90,6 +90,18 @@ class BackboneSpec:
         dense sub-network's features."""
         raise NotImplementedError(f"backbone {self.name!r} has no timm export")
 
+    def timm_model(self, dense_arch: Any, state: Dict[str, Any]):
+        """The timm model of :meth:`timm_export` with ``state`` loaded (``strict=True``), in eval mode.
+
+        A family whose dense networks need more than ``create_model`` kwargs (Swin: a sub-network's
+        blocks keep their own shifted-window flags) adjusts the built model here."""
+        import timm
+
+        name, kwargs, sd = self.timm_export(dense_arch, state)
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        model.load_state_dict(sd, strict=True)
+        return model.eval()
+
     # ------------------------------------------------------------------ cost
     def params(self, arch: Any, sub: Any = None) -> int:
         """Parameters of the dense sub-network (default: intact), without the iBOT mask token."""
