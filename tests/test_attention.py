@@ -84,3 +84,15 @@ def test_additive_bias_matches_reference_with_its_gradient(backend):
     (g_got,) = torch.autograd.grad(got, table, dy)
     (g_ref,) = torch.autograd.grad(w @ v, table, dy)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", "xformers"])
+def test_empty_batch_gives_the_bias_a_zero_gradient(backend):
+    """A skipped block runs on an empty batch (sharded engines' collective alignment); its learned bias
+    must still get a gradient (zeros), as every other parameter does, on every backend."""
+    q = torch.randn(0, 2, 9, 8, requires_grad=True)
+    table = torch.randn(1, 2, 9, 9, requires_grad=True)
+    out = ops.attention(q, q, q, backend, bias=table)
+    assert out.shape == (0, 2, 9, 8)
+    (0.0 * out.sum()).backward()
+    assert table.grad is not None and (table.grad == 0).all()

@@ -108,6 +108,27 @@ def test_gradients_land_only_in_the_entries_extraction_reads(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_skipped_blocks_on_an_empty_batch_give_every_parameter_a_gradient(family):
+    """Sharded engines run the blocks a sub-network skips on an empty batch so that ranks training
+    different depths issue the same per-block collectives.  That holds only if every parameter of a
+    skipped block gets a gradient (zeros) there: FSDP2 reduce-scatters the parameters that have one, so a
+    parameter left at None on one rank only is a collective-size mismatch."""
+    cfg = cfg_of(family)
+    model, bb = trained_like(cfg)
+    space = model.space
+    sub = min(space.all())
+    x = torch.randn(2, 3, cfg.data.global_size, cfg.data.global_size, dtype=torch.float64)
+    with torch.no_grad():
+        want = bb(x, sub.width, sub.depth)
+    bb.sync_skipped_blocks = True
+    out = bb(x, sub.width, sub.depth)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)  # the skipped blocks change nothing
+    out.sum().backward()
+    missing = [n for n, p in bb.named_parameters() if p.grad is None and n != "mask_token"]
+    assert not missing, f"{sub}: no gradient for {missing[:5]}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_layer_ids_and_weight_decay_by_hand(family):
     cfg = cfg_of(family, "optim.layer_decay=0.5", "optim.patch_embed_lr_mult=0.2")
     model = POA(cfg)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from backbones import tiny
+from runs import RUN, SAME_AS_ONE_PROCESS, assert_same_run, assert_same_weights, train
 from poa_hpc.cli import main
 from poa_hpc.config import ConfigError, load_config
 from poa_hpc.models.registry import get_backbone
@@ -361,3 +362,17 @@ def test_patch_merge_projection_takes_the_leading_columns_of_each_group(backend)
     assert (gW[~used] == 0).all() and (gW[used] != 0).all()
     with pytest.raises(ValueError, match="4x"):
         elastic_linear(torch.randn(5, 30, dtype=torch.float64), W, None, 2 * c, in_groups=4)  # 30 % 4 != 0
+
+
+# ---------------------------------------------------------------- ranks training different sub-networks
+def test_fsdp_per_rank_subnetworks_match_replicated(tmp_path):
+    """The paper's per-rank sampling on 2 ranks: FSDP2 (per-block collectives; a rank's skipped stage-3
+    blocks run on an empty batch) equals the replicated engine step by step and in the final weights."""
+    over = tiny("swin") + RUN + SAME_AS_ONE_PROCESS + ["model.swin.drop_path_rate=0.0", "model.rank_sampling=per_rank"]
+    space = SPEC.space(load_config("configs/demo_cpu.yaml", over).model.section)
+    ranks = [SubnetSampler(space, seed=0, rank=r) for r in (0, 1)]
+    assert any(ranks[0].sample(t).depth != ranks[1].sample(t).depth for t in range(8))  # depths differ
+    a = train(tmp_path / "ddp", 2, "ddp", *over)
+    b = train(tmp_path / "fsdp", 2, "fsdp", *over)
+    assert_same_run(a, b)
+    assert_same_weights(tmp_path / "ddp", tmp_path / "fsdp")

@@ -103,6 +103,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     cuDNN kernels itself.  ``math``: the plain reference.  An elastic width just
     means fewer heads H; every backend takes any H.
     """
+    if q.numel() == 0 and bias is not None and bias.requires_grad:
+        # An empty batch (a block a sub-network skips, run so that sharded engines' per-block collectives
+        # stay aligned): SDPA returns an output detached from the bias there, leaving its parameters
+        # (Swin's bias tables) without a gradient on this rank only; the math path gives them zeros.
+        backend = "math"
     if backend == "xformers":
         if bias is not None:
             # xformers wants a bias whose rows are padded to a multiple of 8 elements; Swin's windows
