@@ -376,3 +376,15 @@ def test_fsdp_per_rank_subnetworks_match_replicated(tmp_path):
     b = train(tmp_path / "fsdp", 2, "fsdp", *over)
     assert_same_run(a, b)
     assert_same_weights(tmp_path / "ddp", tmp_path / "fsdp")
+
+
+def test_swin_demo_config_runs_end_to_end_short(tmp_path, capsys):
+    """`poa demo --config configs/swin_demo_cpu.yaml`: trains the tiny Swin, extracts 3 sub-networks from
+    the teacher and prints their k-NN at init and after training (a few steps here)."""
+    over = ["optim.epochs=1", "optim.iters_per_epoch=3", "optim.batch_size=16", "data.n_local=2",
+            "data.num_workers=0", "train.progress=false"]
+    assert main(["demo", "--config", "configs/swin_demo_cpu.yaml", "--output-dir", str(tmp_path / "demo"), *over]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("POA demo: 15 sub-networks")
+    lines = [ln for ln in out.splitlines() if "at init ->" in ln]
+    assert [ln.split(":")[0] for ln in lines] == ["swin_16x2", "swin_24x4", "swin_32x6"]

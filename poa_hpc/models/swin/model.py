@@ -189,11 +189,14 @@ class WindowAttention(nn.Module):
         # Only the active heads' columns of the table are gathered (their gradient lands there alone).
         bias = self.relative_position_bias_table[:, :heads][self.relative_position_index.view(-1)]
         bias = bias.view(N, N, heads).permute(2, 0, 1).unsqueeze(0)  # (1, h, N, N)
+        q, k, v = qkv.unbind(0)
         if mask is not None:
+            # Windows and heads share one attention "head" axis, so the (window, head) bias broadcasts
+            # over the images instead of being materialised per image: (B, nW * h, N, d).
             nW = mask.shape[0]
-            bias = (bias.unsqueeze(1) + mask.to(bias.dtype).view(1, nW, 1, N, N))
-            bias = bias.expand(Bw // nW, nW, heads, N, N).reshape(Bw, heads, N, N)
-        out = attention(qkv[0], qkv[1], qkv[2], self.attn_backend, bias=bias.to(qkv.dtype))
+            bias = (bias + mask.to(bias.dtype).view(nW, 1, N, N)).reshape(1, nW * heads, N, N)
+            q, k, v = (t.reshape(Bw // nW, nW * heads, N, self.head_dim) for t in (q, k, v))
+        out = attention(q, k, v, self.attn_backend, bias=bias.to(q.dtype)).reshape(Bw, heads, N, self.head_dim)
         return self.proj(out.transpose(1, 2).reshape(Bw, N, c), c)
 
 
@@ -230,7 +233,8 @@ class SwinBlock(nn.Module):
         ws, s = self.window, self.shift
         hp, wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
         # As the authors (mmcv): pad to whole windows first, then shift the padded map.
-        x = F.pad(x, (0, 0, 0, wp - W, 0, hp - H))
+        if (hp, wp) != (H, W):
+            x = F.pad(x, (0, 0, 0, wp - W, 0, hp - H))
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
         mask = shift_mask(hp, wp, ws, s, x.device) if s else None
