@@ -366,7 +366,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
-    cfg = load_config(packaged_config("demo_cpu.yaml"), overrides)
+    cfg = load_config(args.config or packaged_config("demo_cpu.yaml"), overrides)
     out = Path(cfg.train.output_dir)
     space = get_backbone(cfg.model.arch).space(cfg.model.section)
     subs = [Subnet(space.widths[0], space.depths[0]),
@@ -513,7 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_submit)
 
     d = sub.add_parser("demo", help="train the embedded CPU demo, extract 3 sub-networks, k-NN them")
-    d.add_argument("--output-dir", help="default: runs/demo")
+    d.add_argument("--config", help="default: the packaged configs/demo_cpu.yaml (ViT); "
+                                     "configs/swin_demo_cpu.yaml is the Swin demo")
+    d.add_argument("--output-dir", help="default: the config's train.output_dir (runs/demo)")
     d.add_argument("overrides", nargs="*")
     d.set_defaults(func=cmd_demo)
     return p

@@ -110,6 +110,27 @@ def test_gradients_land_only_in_the_entries_extraction_reads(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_skipped_blocks_on_an_empty_batch_give_every_parameter_a_gradient(family):
+    """Sharded engines run the blocks a sub-network skips on an empty batch so that ranks training
+    different depths issue the same per-block collectives.  That holds only if every parameter of a
+    skipped block gets a gradient (zeros) there: FSDP2 reduce-scatters the parameters that have one, so a
+    parameter left at None on one rank only is a collective-size mismatch."""
+    cfg = cfg_of(family)
+    model, bb = trained_like(cfg)
+    space = model.space
+    sub = min(space.all())
+    x = torch.randn(2, 3, cfg.data.global_size, cfg.data.global_size, dtype=torch.float64)
+    with torch.no_grad():
+        want = bb(x, sub.width, sub.depth)
+    bb.sync_skipped_blocks = True
+    out = bb(x, sub.width, sub.depth)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)  # the skipped blocks change nothing
+    out.sum().backward()
+    missing = [n for n, p in bb.named_parameters() if p.grad is None and n != "mask_token"]
+    assert not missing, f"{sub}: no gradient for {missing[:5]}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_layer_ids_and_weight_decay_by_hand(family):
     cfg = cfg_of(family, "optim.layer_decay=0.5", "optim.patch_embed_lr_mult=0.2")
     model = POA(cfg)
@@ -154,11 +175,14 @@ def test_cli_subnets_extract_and_knn(family, tmp_path, capsys):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_poa_export_timm_gives_the_same_features(family, tmp_path, capsys):
     """`poa export --format timm` (run -> timm state dict + JSON) loads strictly into timm.create_model and
-    gives the elastic teacher's features, at the native and at the local-crop input size."""
+    gives the elastic teacher's features at the native input size, and at the local-crop size unless the
+    family refuses that size with a one-line reason (Swin: timm pads windows differently there)."""
     timm = pytest.importorskip("timm")
     import json
 
     from safetensors.torch import load_file
+
+    from poa_hpc.models.registry import apply_timm_attributes
 
     cfg = cfg_of(family)
     model, bb = trained_like(cfg, dtype=torch.float32)
@@ -167,17 +191,24 @@ def test_poa_export_timm_gives_the_same_features(family, tmp_path, capsys):
     subs = [min(model.space.all()), model.space.intact]
     for size in (cfg.data.global_size, cfg.data.local_size):
         out = tmp_path / f"export{size}"
-        assert main(["export", str(ckpt), "--format", "timm", *[a for s in subs for a in ("--subnet", str(s))],
-                     "--img-size", str(size), "-o", str(out)]) == 0
+        capsys.readouterr()
+        code = main(["export", str(ckpt), "--format", "timm", *[a for s in subs for a in ("--subnet", str(s))],
+                     "--img-size", str(size), "-o", str(out)])
+        if code == 2 and size != cfg.data.global_size:
+            err = capsys.readouterr().err
+            assert "would differ" in err and len(err.strip().splitlines()) == 1, err
+            continue
+        assert code == 0
         for sub in subs:
             meta = json.loads((out / f"{family}_{sub}.json").read_text())
             assert meta["input_size"] == [3, size, size] and meta["poa_hpc"]["step"] == 5
             assert meta["poa_hpc"]["width"] == sub.width
-            ref = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["timm_kwargs"]).eval()
+            ref = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["timm_kwargs"])
+            apply_timm_attributes(ref, meta["timm_attributes"])
             ref.load_state_dict(load_file(str(out / f"{family}_{sub}.safetensors")), strict=True)
             x = torch.randn(2, 3, size, size)
             with torch.no_grad():
-                diff = (ref(x) - bb(x, sub.width, sub.depth)).abs().max().item()
+                diff = (ref.eval()(x) - bb(x, sub.width, sub.depth)).abs().max().item()
             assert diff < 1e-5, (sub, size, diff)
     # one extracted poa_hpc file -> timm, and the safetensors format round trip
     assert main(["export", str(ckpt), "--format", "safetensors", "--subnet", str(subs[0]), "-o", str(tmp_path / "p")]) == 0
@@ -203,16 +234,18 @@ def test_named_sizes_at_their_real_shapes_round_trip_through_timm(family):
     assert named, f"{spec.recipe} names no sizes"
     torch.manual_seed(0)
     bb = spec.build(arch, drop_path_rate=0.0).eval()
-    size = 64  # a multiple of every family's total stride
+    size = 64  # small, to keep it fast; the native size where the family's export refuses 64 px
     for label, sub in named.items():
         dense, state = extract_state_dict(bb, sub)
-        name, kwargs, timm_state = spec.timm_export(dense, state, img_size=size)
-        ref = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
-        ref.load_state_dict(timm_state, strict=True)
+        try:
+            spec.timm_export(dense, state, img_size=size)
+        except ValueError:
+            size = arch.img_size
+        ref = spec.timm_model(dense, state, img_size=size)
         # (built for `size`: a ViT's position embedding has that many entries)
         assert sum(p.numel() for p in ref.parameters()) == spec.params(replace(arch, img_size=size), sub), label
         x = torch.randn(1, 3, size, size)
         with torch.no_grad():
             diff = (ref(x) - bb(x, sub.width, sub.depth)).abs().max().item()
         assert diff < 1e-5, (label, diff)
-        del ref, dense, state, timm_state
+        del ref, dense, state

@@ -51,16 +51,17 @@ def test_extracted_subnet_matches_timm_vit():
     backbone = model.teacher_backbone().eval()
     arch, state = extract_state_dict(backbone, Subnet(64, 4))
     for size in (32, cfg.data.local_size, 24):  # native 8x8 grid, local crops 4x4, and 6x6
-        name, kwargs, timm_state = get_backbone("vit").timm_export(arch, state, img_size=size)
-        ref = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
-        ref.load_state_dict(timm_state, strict=True)
+        e = get_backbone("vit").timm_export(arch, state, img_size=size)
+        assert e.attributes == {}
+        ref = timm.create_model(e.model, pretrained=False, num_classes=0, **e.kwargs).eval()
+        ref.load_state_dict(e.state, strict=True)
         x = torch.randn(3, 3, size, size)
         with torch.no_grad():
             torch.testing.assert_close(ref(x), backbone(x, 64, 4), rtol=1e-5, atol=1e-5)
     # the embedding timm would make itself at 16 px is not ours: that is why it is exported resized
-    _, kwargs, timm_state = get_backbone("vit").timm_export(arch, state)
-    dyn = timm.create_model(name, pretrained=False, num_classes=0, **kwargs, dynamic_img_size=True).eval()
-    dyn.load_state_dict(timm_state)
+    e = get_backbone("vit").timm_export(arch, state)
+    dyn = timm.create_model(e.model, pretrained=False, num_classes=0, **e.kwargs, dynamic_img_size=True).eval()
+    dyn.load_state_dict(e.state)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert (dyn(x) - backbone(x, 64, 4)).abs().max() > 1e-3
@@ -107,7 +108,7 @@ def test_sizes_match_timm_and_the_literature():
     L = ViTArch(224, 16, 3, 1024, 24, 16)
     for w in (384, 768):
         arch = L.sub(w, 12)
-        ref = timm.models.vision_transformer.VisionTransformer(**get_backbone("vit").timm_export(arch, {})[1],
+        ref = timm.models.vision_transformer.VisionTransformer(**get_backbone("vit").timm_export(arch, {}).kwargs,
                                                                num_classes=0)
         assert count_params(arch) == sum(p.numel() for p in ref.parameters())
     # ViT-L/16: 304.33M with timm's 1000-class head (1,025,000) -> 303.30M backbone + 49,152 LayerScale

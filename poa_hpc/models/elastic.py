@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from poa_hpc.kernels.sliced_linear import slice_cols
 from poa_hpc.models.ops import elastic_linear
 
 __all__ = ["ElasticLinear", "ElasticLayerNorm", "LayerScale", "DropPath", "block_ids", "ElasticBackbone"]
@@ -44,28 +45,41 @@ class ElasticLinear(nn.Linear):
     """nn.Linear whose forward can run on a leading sub-block of its weight.
 
     The input width is read from ``x``; ``out_features`` (per group) is given.
-    ``groups`` > 1 treats the weight as that many stacked row blocks (fused qkv).
+    ``groups`` > 1 treats the weight as that many stacked row blocks (fused qkv);
+    ``in_groups`` > 1 treats its columns as that many concatenated blocks, of which
+    each keeps its leading ``in / in_groups`` columns (Swin's patch merge).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, groups: int = 1, backend: str = "torch"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, groups: int = 1, backend: str = "torch",
+                 in_groups: int = 1):
         super().__init__(in_features, out_features * groups, bias=bias)
         self.groups = groups
+        self.in_groups = in_groups
         self.max_out = out_features
         self.backend = backend
 
     def forward(self, x: torch.Tensor, out_features: Optional[int] = None) -> torch.Tensor:
-        return elastic_linear(x, self.weight, self.bias, out_features or self.max_out, self.groups, self.backend)
+        return elastic_linear(x, self.weight, self.bias, out_features or self.max_out, self.groups, self.backend,
+                              self.in_groups)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", groups={self.groups}" if self.groups > 1 else "")
+        return (super().extra_repr() + (f", groups={self.groups}" if self.groups > 1 else "")
+                + (f", in_groups={self.in_groups}" if self.in_groups > 1 else ""))
 
 
 class ElasticLayerNorm(nn.LayerNorm):
-    """LayerNorm over the input's width, using the first ``width`` affine entries."""
+    """LayerNorm over the input's width, using the first ``width`` affine entries (with ``groups`` > 1:
+    the first ``width / groups`` entries of each of ``groups`` equal blocks, for concatenated features
+    such as Swin's patch merge)."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, *, groups: int = 1, **kwargs):
+        super().__init__(normalized_shape, eps=eps, **kwargs)
+        self.groups = groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = x.shape[-1]
-        return F.layer_norm(x, (w,), self.weight[:w], self.bias[:w], self.eps)
+        return F.layer_norm(x, (w,), slice_cols(self.weight, w, self.groups), slice_cols(self.bias, w, self.groups),
+                            self.eps)
 
 
 class LayerScale(nn.Module):

@@ -88,18 +88,19 @@ def export_timm(path: str | Path, family: str, arch: Any, state: Dict[str, torch
 
         meta = json.load(open("x.json"))
         model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["timm_kwargs"])
+        for name, value in meta["timm_attributes"].items():  # what kwargs cannot say (Swin: window shifts)
+            module, attr = name.rsplit(".", 1); setattr(model.get_submodule(module), attr, tuple(value))
         model.load_state_dict(safetensors.torch.load_file("x.safetensors"))  # strict
 
     gives the sub-network's features on ``input_size`` inputs normalised with ``mean`` / ``std``."""
-    spec = get_backbone(family)
-    name, kwargs, timm_state = spec.timm_export(arch, state, img_size=img_size)
-    size = kwargs.get("img_size") or img_size or getattr(arch, "img_size", None)
+    e = get_backbone(family).timm_export(arch, state, img_size=img_size)
+    size = e.kwargs.get("img_size") or img_size or getattr(arch, "img_size", None)
     path = Path(path)
     weights, info = path.with_suffix(".safetensors"), path.with_suffix(".json")
     weights.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(weights, lambda tmp: save_file({k: v.float().contiguous() for k, v in timm_state.items()}, tmp))
-    meta = {"timm_model": name, "timm_kwargs": kwargs, "input_size": [getattr(arch, "in_chans", 3), size, size],
-            "mean": list(mean), "std": list(std),
+    _atomic_write(weights, lambda tmp: save_file({k: v.float().contiguous() for k, v in e.state.items()}, tmp))
+    meta = {"timm_model": e.model, "timm_kwargs": e.kwargs, "timm_attributes": e.attributes,
+            "input_size": [getattr(arch, "in_chans", 3), size, size], "mean": list(mean), "std": list(std),
             "poa_hpc": {"family": family, "arch": dataclasses.asdict(arch), **provenance}}
     _atomic_write(info, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return weights, info

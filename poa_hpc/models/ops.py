@@ -46,8 +46,9 @@ def elastic_linear(
     out_features: int,
     groups: int = 1,
     backend: str = "torch",
+    in_groups: int = 1,
 ) -> torch.Tensor:
-    """y = F.linear(x * alpha, W[rows, :in], b[rows]) with alpha = max_in / in.
+    """y = F.linear(x * alpha, W[rows, cols], b[rows]) with alpha = max_in / in.
 
     ``backend``: ``torch`` (slice + matmul), ``triton`` (the kernels in
     ``poa_hpc.kernels.sliced_linear_triton``, reading the weight in place), or
@@ -56,7 +57,11 @@ def elastic_linear(
 
     The input width ``in`` is the last dimension of ``x``; ``rows`` are the
     leading ``out_features`` rows of each of ``groups`` row blocks of ``weight``
-    (spec §0: the scale multiplies the input; the bias is not scaled).
+    and ``cols`` the leading ``in / in_groups`` columns of each of ``in_groups``
+    column blocks (Swin's patch merge: 4 concatenated neighbours) (spec §0: the
+    scale multiplies the input; the bias is not scaled).  The Triton kernels take
+    leading columns only; ``in_groups > 1`` runs on the torch path (the patch
+    merges are a small share of the FLOPs).
     """
     max_in = weight.shape[1]
     in_features = x.shape[-1]
@@ -65,6 +70,9 @@ def elastic_linear(
     if backend not in ELASTIC_LINEAR_BACKENDS:
         raise ValueError(f"model.elastic_linear: unknown backend {backend!r}, expected one of {ELASTIC_LINEAR_BACKENDS}")
     alpha = max_in / in_features
+    if in_groups > 1:
+        return sliced_linear(x, weight, bias, out_features, in_features, alpha=alpha, groups=groups,
+                             in_groups=in_groups)
     kernel = _triton_kernel() if backend == "triton" or (backend == "auto" and x.is_cuda) else None
     if kernel is not None:
         return kernel(x, weight, bias, out_features, in_features, alpha=alpha, groups=groups)
@@ -82,17 +90,31 @@ def _triton_kernel():
     return sliced_linear_triton
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention over (B, H, N, d) tensors with scale d**-0.5.
 
-    ``xformers``: memory-efficient attention (CUDA only; where it is missing or the
-    tensors are on the CPU, one log line says so and SDPA runs instead).
+    ``bias``: an additive float bias of the scores, broadcastable to (B, H, N, N)
+    (Swin's relative position bias plus its shifted-window mask); it may require grad.
+    ``xformers``: memory-efficient attention (CUDA only; where it is missing, the
+    tensors are on the CPU or a bias is given, one log line says so and SDPA runs
+    instead).
     ``sdpa``: torch's scaled_dot_product_attention, which picks flash / efficient /
     cuDNN kernels itself.  ``math``: the plain reference.  An elastic width just
     means fewer heads H; every backend takes any H.
     """
+    if q.numel() == 0 and bias is not None and bias.requires_grad:
+        # An empty batch (a block a sub-network skips, run so that sharded engines' per-block collectives
+        # stay aligned): SDPA returns an output detached from the bias there, leaving its parameters
+        # (Swin's bias tables) without a gradient on this rank only; the math path gives them zeros.
+        backend = "math"
     if backend == "xformers":
-        if not q.is_cuda:
+        if bias is not None:
+            # xformers wants a bias whose rows are padded to a multiple of 8 elements; Swin's windows
+            # (N = 49) are not, and SDPA's kernels take any additive mask.
+            _say_once("an attention bias (Swin windows) is given")
+            backend = "sdpa"
+        elif not q.is_cuda:
             _say_once("tensors are on the CPU, where xformers has no kernel")
             backend = "sdpa"
         else:
@@ -103,9 +125,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
             else:  # xformers wants (B, N, H, d)
                 return mea(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     if backend == "math":
         scale = q.shape[-1] ** -0.5
         attn = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            attn = attn + bias
         return attn.softmax(dim=-1) @ v
     raise ValueError(f"model.attention: unknown backend {backend!r}, expected one of {ATTENTION_BACKENDS}")

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["BackboneSpec", "register_backbone", "get_backbone", "backbone_names", "load_families"]
+__all__ = ["BackboneSpec", "TimmExport", "apply_timm_attributes", "register_backbone", "get_backbone",
+           "backbone_names", "load_families"]
 
 _REGISTRY: Dict[str, "BackboneSpec"] = {}
 
@@ -86,12 +88,22 @@ class BackboneSpec:
         """An empty dense network of ``dense_arch`` (load the extracted tensors into it)."""
         return self.build(dense_arch, drop_path_rate=0.0, attn_backend=attn_backend)
 
-    def timm_export(self, dense_arch: Any, state: Dict[str, Any], img_size: Optional[int] = None
-                    ) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
-        """``(model_name, create_model kwargs, state dict)`` such that ``timm.create_model(model_name,
-        pretrained=False, num_classes=0, **kwargs)`` loads ``state`` with ``strict=True`` and gives the
-        dense sub-network's features on ``img_size`` inputs (default: the native size)."""
+    def timm_export(self, dense_arch: Any, state: Dict[str, Any], img_size: Optional[int] = None) -> "TimmExport":
+        """The timm model of a dense sub-network: ``timm.create_model(e.model, pretrained=False,
+        num_classes=0, **e.kwargs)``, :func:`apply_timm_attributes` with ``e.attributes``, then
+        ``load_state_dict(e.state, strict=True)`` gives the sub-network's features on ``img_size``
+        inputs (default: the native size).  Raise ``ValueError`` for a size where timm cannot match."""
         raise NotImplementedError(f"backbone {self.name!r} has no timm export")
+
+    def timm_model(self, dense_arch: Any, state: Dict[str, Any], img_size: Optional[int] = None):
+        """The timm model of :meth:`timm_export`, attributes set and ``state`` loaded strictly, in eval mode."""
+        import timm
+
+        e = self.timm_export(dense_arch, state, img_size=img_size)
+        model = timm.create_model(e.model, pretrained=False, num_classes=0, **e.kwargs)
+        apply_timm_attributes(model, e.attributes)
+        model.load_state_dict(e.state, strict=True)
+        return model.eval()
 
     # ------------------------------------------------------------------ cost
     def params(self, arch: Any, sub: Any = None) -> int:
@@ -127,6 +139,25 @@ class BackboneSpec:
     def mask_grid(self, arch: Any, img_size: int) -> int:
         """Side of the iBOT mask grid for a global crop of ``img_size``."""
         raise NotImplementedError
+
+
+@dataclass
+class TimmExport:
+    """How to rebuild a dense sub-network in timm (see :meth:`BackboneSpec.timm_export`)."""
+
+    model: str  # a timm.create_model name
+    kwargs: Dict[str, Any]  # create_model kwargs overriding that model's shape
+    state: Dict[str, Any]  # the state dict to load with strict=True
+    # Module attributes to set after create_model, dotted name -> value (lists stand for tuples): what
+    # kwargs cannot express, e.g. a Swin sub-network's per-block window shifts.
+    attributes: Dict[str, Any] = field(default_factory=dict)
+
+
+def apply_timm_attributes(model: Any, attributes: Dict[str, Any]) -> None:
+    """Set ``attributes`` (``{"layers.2.blocks.1.shift_size": [3, 3]}``) on a timm model."""
+    for name, value in attributes.items():
+        module, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(module), attr, tuple(value) if isinstance(value, list) else value)
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:

@@ -9,7 +9,7 @@ import torch
 from poa_hpc.errors import ConfigError
 from poa_hpc.kernels.sliced_linear import slice_rows
 from poa_hpc.models.elastic import block_ids
-from poa_hpc.models.registry import BackboneSpec, register_backbone
+from poa_hpc.models.registry import BackboneSpec, TimmExport, register_backbone
 from poa_hpc.models.subnets import Subnet, SubnetSpace
 from poa_hpc.models.vit.model import ElasticViT, ViTArch, build_vit, count_params, resize_pos_embed, vit_gflops
 
@@ -137,8 +137,7 @@ class ViTSpec(BackboneSpec):
         )
         names = {(384, 12): "vit_small_patch16_224", (768, 12): "vit_base_patch16_224",
                  (1024, 24): "vit_large_patch16_224"}
-        name = names.get((dense.embed_dim, dense.depth), "vit_small_patch16_224")
-        return name, kwargs, out
+        return TimmExport(names.get((dense.embed_dim, dense.depth), "vit_small_patch16_224"), kwargs, out)
 
     def params(self, a: ViTArch, sub: Optional[Subnet] = None) -> int:
         return count_params(a if sub is None else a.sub(sub.width, sub.depth))
