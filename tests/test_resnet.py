@@ -3,6 +3,7 @@ their named sizes, a hand-written float64 forward, the sliced-convolution seam, 
 MAC counts, the authors' layer-decay multipliers, and one-line config errors."""
 
 import collections
+import json
 import math
 
 import numpy as np
@@ -241,9 +242,11 @@ def test_elastic_groupnorm_keeps_its_groups_at_every_width():
 
 
 # ---------------------------------------------------------------- timm, parameters, MACs
-def _timm_model(arch, state):
+def _timm_model(arch, state, via_json=False):
     timm = pytest.importorskip("timm")
     name, kwargs, timm_state = SPEC.timm_export(arch, state)
+    if via_json:  # what a JSON file next to the weights would carry
+        kwargs = json.loads(json.dumps(kwargs))
     ref = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
     ref.load_state_dict(timm_state, strict=True)
     return name, ref
@@ -271,12 +274,13 @@ def test_extracted_resnet_50_101_152_shapes_equal_timm_at_tiny_widths():
 
 
 def test_real_resnet50_loads_into_timm_resnet50_gn():
-    """The real ResNet-50 shape (the R50 sub-network of configs/resnet_poa.yaml): timm's resnet50_gn,
-    23,508,032 parameters without the classifier, same features in fp32 (64 px to keep it short)."""
+    """The real ResNet-50 shape (the R50 sub-network of configs/resnet_poa.yaml): timm's resnet50_gn from
+    JSON-serialised kwargs, 23,508,032 parameters without the classifier, same features in fp32 (64 px to
+    keep it short)."""
     arch = load_config(POA_CFG).model.resnet
     dense = arch.sub(64, (3, 4, 6, 3))
     net = perturbed(dense, dtype=torch.float32)
-    name, ref = _timm_model(dense, dict(net.state_dict()))
+    name, ref = _timm_model(dense, dict(net.state_dict()), via_json=True)
     assert name == "resnet50_gn"
     assert SPEC.params(arch, Subnet(64, (3, 4, 6, 3))) == sum(p.numel() for p in ref.parameters()) == 23_508_032
     x = torch.randn(2, 3, 64, 64)

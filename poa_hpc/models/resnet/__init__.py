@@ -31,6 +31,7 @@ class ResNetSpec(BackboneSpec):
     name = "resnet"
     config_cls = ResNetArch
     description = "elastic bottleneck mid channels (zipped over stages) and per-stage depth (equal-interval blocks)"
+    recipe = "resnet_poa.yaml"  # the paper's run (packaged config)
     bench_presets = {
         # The paper's run: 2x wide ResNet-152 intact, ResNet-50 smallest.
         "resnet_152w": ("resnet_poa.yaml", []),
@@ -122,13 +123,15 @@ class ResNetSpec(BackboneSpec):
     def build_dense(self, dense_arch: ResNetArch, attn_backend: str = "sdpa") -> ElasticResNet:
         return build_resnet(dense_arch)
 
-    def timm_export(self, dense: ResNetArch, state: Dict[str, torch.Tensor]):
+    def timm_export(self, dense: ResNetArch, state: Dict[str, torch.Tensor], img_size: Optional[int] = None):
         """timm's ``ResNet`` (Bottleneck blocks) with ``norm_layer`` = timm's GroupNorm of ``gn_groups`` groups,
         ``layers`` = the depths, ``channels`` = the block outputs / 4 and ``base_width`` = 64 * mid / (output / 4)
         (timm's mid = planes * base_width / 64).  Any registered bottleneck ResNet name takes these kwargs
         (they override the name's own); the closest one is returned: ``resnet50_gn`` (R50), ``resnet101``,
         ``resnet152``, ``wide_resnet50_2`` / ``wide_resnet101_2`` (bottleneck = output / 2), else ``resnet50``.
-        timm's plain stem has 64 channels (``stem_width`` only applies to its deep stems)."""
+        timm's plain stem has 64 channels (``stem_width`` only applies to its deep stems).  ``norm_layer`` is the
+        string ``"groupnorm"`` (timm's GroupNorm, 32 groups) when ``gn_groups`` is 32, else a ``functools.partial``
+        (not JSON-serialisable).  A ResNet takes any input size, so ``img_size`` changes nothing."""
         if dense.stem_channels != 64:
             raise ValueError(f"timm's ResNet stem has 64 channels; this network has {dense.stem_channels}")
         width = dense.widths[-1]
