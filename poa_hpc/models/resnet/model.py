@@ -66,7 +66,7 @@ class ResNetArch:
     # Elastic bottleneck widths: stage-1 mid channels (stage s uses width * 2**s); the last is the intact one.
     widths: List[int] = field(default_factory=lambda: [64, 96, 128])
     gn_groups: int = 32  # GroupNorm groups at every width
-    zero_init_last: bool = False  # zero-init each block's last GroupNorm scale (timm's; the authors' flag, unapplied)
+    zero_init_last: bool = True  # zero-init each block's last GroupNorm scale (timm's; the authors' unapplied flag)
     drop_path_rate: float = 0.0  # uniform over blocks (the authors' ResNet: none)
     sampling_s: float = 2.0  # eq. 14 depth scales linspace(s, 1, #depth tuples); width scale 1
     ibot_scale_factor: int = 2  # iBOT grid = img // 32 * factor; final map upsampled by it, masks by 8 // it
@@ -144,12 +144,14 @@ class ElasticResNet(ElasticBackbone):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """The authors' effective initialisation: PyTorch's default for the convolutions (already done
-        by ``nn.Conv2d``), GroupNorm 1 / 0, mask token 0.  Their ``zero_init_residual=True`` is never
-        applied in their code; ``zero_init_last`` applies it (timm's ``zero_init_last``: each block's
-        last GroupNorm scale 0, so every block starts as its shortcut)."""
+        """timm's ResNet initialisation: Kaiming-normal (fan-out, ReLU) convolutions, GroupNorm 1 / 0, mask
+        token 0, and with ``zero_init_last`` each block's last GroupNorm scale 0 (every block starts as its
+        shortcut; the authors' ``zero_init_residual=True``, which their code declares but never applies:
+        their runs keep PyTorch's default conv init and no zero-init)."""
         for m in self.modules():
-            if isinstance(m, nn.GroupNorm):
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.GroupNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if self.arch.zero_init_last:
