@@ -14,13 +14,23 @@ MODEL = {
         "data.digits_size=16", "data.global_size=16", "data.local_size=8",
     ],
     # Stage widths 16/32/64/128 (widths 8, 12, 16; head dim 4), depths 2-2-4-2 (stage-3 depths 2..4: a
-    # sub-network of depth 3 keeps blocks 0, 1, 3, two shifted blocks in a row).  Window 4 on 32 px
-    # crops: stage maps 16, 8, 4 (one window, shifted) and 2 (padded to a window); 16 px local crops
-    # pad stages 3 and 4.  iBOT grid 32 / 2 / 8 * 2 = 4.
+    # sub-network of depth 3 keeps blocks 0, 1, 3, two shifted blocks in a row).  Windows of 2: the stage
+    # maps of a 32 px crop (16, 8, 4, 2) are whole windows, so timm's export is exact there; 16 px local
+    # crops pad stage 4 (1 x 1).  test_swin.py's reference uses windows of 4 (padded, single-window
+    # stages).  iBOT grid 32 / 2 / 8 * 2 = 4.
     "swin": [
         "model.arch=swin", "model.swin.img_size=32", "model.swin.patch_size=2", "model.swin.embed_dim=16",
         "model.swin.depths=[2,2,4,2]", "model.swin.head_dim=4", "model.swin.window_size=2",
         "model.swin.min_width=8", "model.swin.width_step=4", "model.swin.min_depth=2",
+        "data.digits_size=32", "data.global_size=32", "data.local_size=16",
+    ],
+    # Stage outputs 64/128/256/512, stage-1 mids 8/12/16 (x2 per stage) in 4 GroupNorm groups, depths
+    # 1-3-4-1 elastic in stages 2 and 3 (2..3, 2..4); 32 px: final map 1x1, iBOT grid 4 (factor 4).  The
+    # stem has timm's 64 channels so the timm export applies.
+    "resnet": [
+        "model.arch=resnet", "model.resnet.img_size=32", "model.resnet.stem_channels=64",
+        "model.resnet.base_channels=16", "model.resnet.depths=[1,3,4,1]", "model.resnet.min_depths=[1,2,2,1]",
+        "model.resnet.widths=[8,12,16]", "model.resnet.gn_groups=4", "model.resnet.ibot_scale_factor=4",
         "data.digits_size=32", "data.global_size=32", "data.local_size=16",
     ],
 }
@@ -85,4 +95,31 @@ def swin_rules(name: str):
     return table[name]
 
 
-RULES = {"vit": vit_rules, "swin": swin_rules}
+
+
+def resnet_rules(name: str):
+    """(layer id, no weight decay) of a tiny-ResNet student parameter (depths 1-3-4-1: 9 blocks), by hand.
+
+    The authors' get_resnet_lr_decay_rate: stem conv / norm and mask token 0, the blocks 1..9 in order
+    (layer1.0 -> 1, layer2.0..2 -> 2..4, layer3.0..3 -> 5..8, layer4.0 -> 9), heads last with the
+    last block (multiplier decay ** 0), i.e. num_layers = 8; no weight decay on every GroupNorm
+    (bn1..bn3 and the shortcut's downsample.1); convolutions and the mask token keep it."""
+    table = {"backbone.conv1.weight": (0, False), "backbone.bn1.weight": (0, True), "backbone.bn1.bias": (0, True),
+             "backbone.mask_token": (0, False)}
+    ids = {"layer1.0": 1, "layer2.0": 2, "layer2.1": 3, "layer2.2": 4, "layer3.0": 5, "layer3.1": 6, "layer3.2": 7,
+           "layer3.3": 8, "layer4.0": 9}
+    for block, i in ids.items():
+        for p, no_wd in (("conv1.weight", False), ("bn1.weight", True), ("bn1.bias", True), ("conv2.weight", False),
+                         ("bn2.weight", True), ("bn2.bias", True), ("conv3.weight", False), ("bn3.weight", True),
+                         ("bn3.bias", True)):
+            table[f"backbone.{block}.{p}"] = (i, no_wd)
+        if block.endswith(".0"):  # every stage's first block has the projection shortcut (16 -> 64 in stage 1)
+            table[f"backbone.{block}.downsample.0.weight"] = (i, False)
+            table[f"backbone.{block}.downsample.1.weight"] = (i, True)
+            table[f"backbone.{block}.downsample.1.bias"] = (i, True)
+    if name.startswith("heads."):
+        return 9, name.endswith(".bias")
+    return table[name]
+
+
+RULES = {"vit": vit_rules, "swin": swin_rules, "resnet": resnet_rules}

@@ -257,13 +257,14 @@ def test_sweep_files_have_one_row_per_subnet(swept):
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         rows = list(reader)
     doc = json.loads((out / "sweep.json").read_text())
-    spec, arch = get_backbone(family), load_config("configs/demo_cpu.yaml", tiny(family)).model.section
+    cfg = load_config("configs/demo_cpu.yaml", tiny(family))
+    spec, arch, size = get_backbone(family), cfg.model.section, cfg.data.digits_size  # digits: eval at that size
     assert len(rows) == len(doc["rows"]) == len(subs)
     for row, jrow, sub in zip(rows, doc["rows"], subs):
         assert row["name"] == jrow["name"] == f"{family}_{sub}"
         assert int(row["width"]) == sub.width and row["depth"] == str(sub).split("x", 1)[1]
         assert float(row["params_m"]) == pytest.approx(spec.params(arch, sub) / 1e6)
-        assert float(row["gflops"]) == pytest.approx(spec.gflops(arch, sub, img_size=16))
+        assert float(row["gflops"]) == pytest.approx(spec.gflops(arch, sub, img_size=size))
         assert float(row["knn_top1"]) == pytest.approx(jrow["knn_top1"])
         assert 0.0 <= float(row["linear_top1"]) <= 100.0 and float(row["linear_lr"]) in doc["provenance"]["linear"]["lr_grid"]
         per_lr = {float(k): v for k, v in jrow["linear_per_lr"].items()}

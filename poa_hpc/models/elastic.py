@@ -6,8 +6,12 @@ width rules of spec §0/§1 once for all families:
 
 * :class:`ElasticLinear` keeps the leading rows/columns of its weight (per row
   group for a fused qkv) and scales its input by ``max_in / in``;
+* :class:`ElasticConv2d` keeps the leading filters and input channels of its
+  weight and scales its input by ``max_in / in`` (the convolution's version of
+  :class:`ElasticLinear`);
 * :class:`ElasticLayerNorm` and :class:`LayerScale` keep their first ``w``
-  entries;
+  entries; :class:`ElasticGroupNorm` keeps its first ``c`` affine entries and its
+  number of groups;
 * :func:`block_ids` is the equal-interval depth rule ``floor(linspace(0, L-1, d))``;
 * :class:`ElasticBackbone` runs a stage's blocks for a depth, and (when a
   sharding engine asks for it) runs the blocks a sub-network skips on an empty
@@ -29,9 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from poa_hpc.kernels.sliced_linear import slice_cols
-from poa_hpc.models.ops import elastic_linear
+from poa_hpc.models.ops import elastic_conv2d, elastic_linear
 
-__all__ = ["ElasticLinear", "ElasticLayerNorm", "LayerScale", "DropPath", "block_ids", "ElasticBackbone"]
+__all__ = ["ElasticLinear", "ElasticConv2d", "ElasticLayerNorm", "ElasticGroupNorm", "LayerScale", "DropPath",
+           "block_ids", "ElasticBackbone"]
 
 
 def block_ids(total_depth: int, depth: int) -> List[int]:
@@ -65,6 +70,40 @@ class ElasticLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (super().extra_repr() + (f", groups={self.groups}" if self.groups > 1 else "")
                 + (f", in_groups={self.in_groups}" if self.in_groups > 1 else ""))
+
+
+class ElasticConv2d(nn.Conv2d):
+    """nn.Conv2d whose forward can run on the leading ``out x in`` block of its weight.
+
+    The input channels are read from ``x``; ``out_channels`` is given (default: all).  The
+    input is scaled by ``max_in / in`` as :class:`ElasticLinear` does (spec §0; the authors'
+    ``DynamicConv2d`` ``offset_scale``).  No channel groups, zero padding only.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 bias: bool = False, backend: str = "torch"):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, out_channels: Optional[int] = None) -> torch.Tensor:
+        return elastic_conv2d(x, self.weight, self.bias, out_channels or self.out_channels, self.stride,
+                              self.padding, self.dilation, self.backend)
+
+
+class ElasticGroupNorm(nn.GroupNorm):
+    """GroupNorm over the input's channels ``c``, using the first ``c`` affine entries.
+
+    The number of groups stays ``num_groups`` at every width, so the channels per group
+    change with the width (``c / num_groups``: 64 mid channels in 32 groups are 2 per group,
+    128 are 4), as the authors' ``DynamicGroupNorm``.  A dense extracted network has a plain
+    GroupNorm with the same number of groups over its ``c`` channels, hence the same output.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if c % self.num_groups:
+            raise ValueError(f"ElasticGroupNorm: {c} channels do not split into {self.num_groups} groups")
+        return F.group_norm(x, self.num_groups, self.weight[:c], self.bias[:c], self.eps)
 
 
 class ElasticLayerNorm(nn.LayerNorm):
@@ -127,7 +166,9 @@ class ElasticBackbone(nn.Module):
     def run_blocks(self, blocks: Sequence[nn.Module], ids: Iterable[int], x: torch.Tensor,
                    call: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """Apply ``blocks[i]`` for ``i`` in ``ids`` (in order); skipped blocks run on ``x[:0]`` when
-        :attr:`sync_skipped_blocks` is set.  ``call(block, x)`` runs one block (default ``block(x)``)."""
+        :attr:`sync_skipped_blocks` is set (a skipped block takes and returns the shape of the
+        block before it).  ``call(block, x)`` runs one block (default ``block(x)``), e.g. to pass
+        a width the block cannot read from its input."""
         call = call or (lambda block, t: block(t))
         ids = set(ids)
         for i, block in enumerate(blocks):

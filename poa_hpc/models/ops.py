@@ -1,8 +1,8 @@
-"""The two seams of the elastic model: the sliced projection and attention.
+"""The seams of the elastic model: the sliced projection, the sliced convolution and attention.
 
-Every elastic projection and every attention call of the model goes through
-these functions, so faster backends (a Triton kernel for the sliced projection,
-xFormers for attention) plug in here without touching the model.
+Every elastic projection, elastic convolution and attention call of the model goes
+through these functions, so faster backends (a Triton kernel for the sliced
+projection, xFormers for attention) plug in here without touching the model.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from poa_hpc.kernels.sliced_conv import sliced_conv2d
 from poa_hpc.kernels.sliced_linear import sliced_linear
 
 ELASTIC_LINEAR_BACKENDS = ("torch", "triton", "auto")
+ELASTIC_CONV_BACKENDS = ("torch",)
 ATTENTION_BACKENDS = ("sdpa", "math", "xformers")
 
 log = logging.getLogger("poa_hpc.ops")
@@ -79,6 +81,35 @@ def elastic_linear(
     if backend == "triton":
         raise RuntimeError("model.elastic_linear=triton but triton is not installed")
     return sliced_linear(x, weight, bias, out_features, in_features, alpha=alpha, groups=groups)
+
+
+def elastic_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_channels: int,
+    stride=1,
+    padding=0,
+    dilation=1,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """y = conv2d(x * alpha, W[:out, :in], b[:out]) with alpha = max_in / in (no channel groups).
+
+    The input width ``in`` is ``x.shape[1]``.  ``backend``: ``torch`` (the reference in
+    ``poa_hpc.kernels.sliced_conv``: slice, scale the weight slice, ``F.conv2d``; its
+    docstring lists what that costs per call); a Triton or cuDNN-strided kernel plugs
+    in here.  At full width it is a plain ``F.conv2d``.  ``model.elastic_linear`` does
+    not select it: the sliced projection and the sliced convolution are different
+    kernels, measured separately.
+    """
+    max_in = weight.shape[1]
+    in_channels = x.shape[1]
+    if in_channels == max_in and out_channels == weight.shape[0]:
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+    if backend not in ELASTIC_CONV_BACKENDS:
+        raise ValueError(f"elastic_conv2d: unknown backend {backend!r}, expected one of {ELASTIC_CONV_BACKENDS}")
+    return sliced_conv2d(x, weight, bias, out_channels, in_channels, alpha=max_in / in_channels, stride=stride,
+                         padding=padding, dilation=dilation)
 
 
 @functools.lru_cache(maxsize=None)  # looked up once, not on every projection call
