@@ -77,6 +77,9 @@ class LossConfig:
     mask_sample_probability: float = 0.5
     mask_ratio_min: float = 0.1
     mask_ratio_max: float = 0.5
+    # Heads and losses form at most this many logits (rows x prototypes) at a time, head by head
+    # (poa_hpc/losses/chunked.py): 2**24 fp32 logits are 64 MiB per temporary.  0: one chunk per head.
+    chunk_elements: int = 16777216
 
 
 @dataclass
@@ -215,6 +218,8 @@ def validate(cfg: POAConfig) -> POAConfig:
         raise ConfigError(f"key 'train.collapse_tolerance': {cfg.train.collapse_tolerance} must be in [0, 1)")
     if cfg.train.collapse_patience < 0:
         raise ConfigError(f"key 'train.collapse_patience': {cfg.train.collapse_patience} must be >= 0 (0 disables)")
+    if cfg.loss.chunk_elements < 0:
+        raise ConfigError(f"key 'loss.chunk_elements': {cfg.loss.chunk_elements} must be >= 0 (0: one chunk per head)")
     if cfg.optim.batch_size < 2:
         raise ConfigError(f"key 'optim.batch_size': {cfg.optim.batch_size} must be >= 2 (KoLeo needs neighbours)")
     return cfg

@@ -8,7 +8,7 @@ from poa_hpc.models.subnets import Subnet
 from poa_hpc.models.vit import build_vit
 from poa_hpc.train.trainer import autocast_factory
 
-from test_meta_arch import batch, make, tiny_cfg
+from test_meta_arch import batch, floats, make, tiny_cfg
 
 pytestmark = pytest.mark.gpu
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 def test_bf16_autocast_step_on_cuda():
     dev = torch.device("cuda")
     m = make(tiny_cfg()).to(dev)
-    out = m.forward_backward(batch(), Subnet(16, 2), 0.04, ibot=True, autocast=autocast_factory("auto", dev))
+    out = floats(m.forward_backward(batch(), Subnet(16, 2), 0.04, ibot=True, autocast=autocast_factory("auto", dev)))
     assert all(v == v and abs(v) < 1e4 for v in out.values())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.student.parameters())
     assert all(p.dtype == torch.float32 for p in m.student.parameters())  # autocast keeps fp32 master weights
