@@ -7,6 +7,8 @@
     poa eval knn SUBNET.safetensors ... [--config CFG] [key=value ...]
     poa subnets --config CFG
     poa demo    [--output-dir DIR] [key=value ...]
+    poa estimate flops|memory|comm --config CFG [options] [key=value ...]
+    poa profile --config CFG [--steps N] [key=value ...]
 
 Errors in the user's input (config keys, paths, sub-network sizes) end with a
 one-line message and exit code 2; a diverged run ends with exit code 3.
@@ -286,6 +288,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown benchmark {args.what!r}")
 
 
+# ------------------------------------------------------------------ estimate, profile
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from poa_hpc.perf.cli import estimate
+
+    return estimate(args.what, args.args)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from poa_hpc.perf.profile import run as run_profile
+
+    return run_profile(args.args)
+
+
 # ------------------------------------------------------------------ submit
 def cmd_submit(args: argparse.Namespace) -> int:
     from poa_hpc.launch.submit import submit
@@ -351,6 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "multi-crop loader img/s (torchvision, DALI CPU, DALI GPU)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see poa bench engines -h)")
     b.set_defaults(func=cmd_bench)
+
+    es = sub.add_parser("estimate", help="FLOPs, peak memory per rank, communication of a POA step, without a GPU "
+                                          "(tables + JSON under benchmarks/results/)")
+    es.add_argument("what", choices=("flops", "memory", "comm"),
+                    help="flops: FLOPs per part, eq. 14 expectation, GPU-hours at an MFU; memory: peak device memory "
+                         "per rank (fake tensors, fake process group); comm: bytes per rank and engine, scaling floor")
+    es.add_argument("args", nargs=argparse.REMAINDER, help="options (see poa estimate flops -h)")
+    es.set_defaults(func=cmd_estimate)
+
+    pr = sub.add_parser("profile", help="a few steps under torch.profiler: Chrome trace, memory snapshot (CUDA), "
+                                        "top operators, per-phase times")
+    pr.add_argument("args", nargs=argparse.REMAINDER, help="options (see poa profile -h)")
+    pr.set_defaults(func=cmd_profile)
 
     sb = sub.add_parser("submit", help="submit a training job to Slurm (submitit; one task per GPU, "
                                         "checkpoint + requeue on time limit or preemption)")

@@ -7,9 +7,10 @@ xFormers for attention) plug in here without touching the model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,34 @@ ATTENTION_BACKENDS = ("sdpa", "math", "xformers")
 
 log = logging.getLogger("poa_hpc.ops")
 _fallback_said = set()
+_kernel: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+
+
+def _efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, q.requires_grad)[0]
+
+
+ATTENTION_KERNELS = {"flash": _flash, "efficient": _efficient}
+
+
+@contextlib.contextmanager
+def attention_kernel(name: Optional[str]) -> Iterator[None]:
+    """Within this context every :func:`attention` call runs the named SDPA kernel directly: ``flash``
+    (what a GPU's SDPA runs for bf16/fp16) or ``efficient`` (fp32); ``None`` changes nothing.
+
+    For accounting on fake or meta tensors (``poa estimate``, FLOP counting): there SDPA's own dispatch
+    sees no GPU and takes the math path, whose autograd saves the N x N attention matrix; the kernels
+    called here save what they save on a GPU (output and log-sum-exp), and FLOP counters see them."""
+    global _kernel
+    saved, _kernel = _kernel, (ATTENTION_KERNELS[name] if name else None)
+    try:
+        yield
+    finally:
+        _kernel = saved
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,8 +118,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     tensors are on the CPU, one log line says so and SDPA runs instead).
     ``sdpa``: torch's scaled_dot_product_attention, which picks flash / efficient /
     cuDNN kernels itself.  ``math``: the plain reference.  An elastic width just
-    means fewer heads H; every backend takes any H.
+    means fewer heads H; every backend takes any H.  Inside :func:`attention_kernel` the
+    named kernel runs instead.
     """
+    if _kernel is not None:
+        return _kernel(q, k, v)
     if backend == "xformers":
         if not q.is_cuda:
             _say_once("tensors are on the CPU, where xformers has no kernel")
