@@ -52,7 +52,7 @@ from poa_hpc.models.registry import get_backbone
 from poa_hpc.models.subnets import Subnet
 from poa_hpc.perf.fake import MetaMemo, masked_tokens, meta_model, synthetic_batch
 
-__all__ = ["count_step", "analytic_step_flops", "expected_step", "PEAK_TFLOPS", "peak_tflops", "StepFlops",
+__all__ = ["count_step", "analytic_step_flops", "expected_step", "expected_max", "PEAK_TFLOPS", "peak_tflops", "StepFlops",
            "gpu_hours"]
 
 aten = torch.ops.aten
@@ -383,14 +383,20 @@ def expected_step(cfg: POAConfig, world_size: int = 1, *, n_masked: Optional[int
     probs = space.probabilities()
     mean_e = sum(p * elastic[s] for s, p in probs.items())
     ranks = world_size if cfg.model.rank_sampling == "per_rank" else 1
-    # E[max of `ranks` independent draws] = sum over the sorted values of f * (F(f)^R - F(f-)^R)
-    cdf, expected_max = 0.0, 0.0
-    for s, f in sorted(((s, elastic[s]) for s in probs), key=lambda x: x[1]):
-        prev, cdf = cdf, min(cdf + probs[s], 1.0)
-        expected_max += f * (cdf ** ranks - prev ** ranks)
-    return {"fixed": fixed, "elastic": elastic, "elastic_mean": mean_e, "elastic_expected_max": expected_max,
-            "ranks": ranks, "step_mean": fixed + mean_e, "step_critical": fixed + expected_max, "base": base,
+    e_max = expected_max(elastic, probs, ranks)
+    return {"fixed": fixed, "elastic": elastic, "elastic_mean": mean_e, "elastic_expected_max": e_max,
+            "ranks": ranks, "step_mean": fixed + mean_e, "step_critical": fixed + e_max, "base": base,
             "n_masked": M}
+
+
+def expected_max(values: Dict[Subnet, float], probs: Dict[Subnet, float], ranks: int) -> float:
+    """E[max of ``values[s]`` over ``ranks`` independent draws of s ~ ``probs``]:
+    the sum over the sorted values of f * (F(f)^R - F(f-)^R)."""
+    cdf, out = 0.0, 0.0
+    for s, f in sorted(((s, values[s]) for s in probs), key=lambda x: x[1]):
+        prev, cdf = cdf, min(cdf + probs[s], 1.0)
+        out += f * (cdf ** ranks - prev ** ranks)
+    return out
 
 
 def gpu_hours(step_flops: float, steps: int, gpus: int, peak: float, mfu: float) -> float:

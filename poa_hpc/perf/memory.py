@@ -369,7 +369,9 @@ def _largest_drawn(space) -> Subnet:
 
 
 def _fake_step(cfg: POAConfig, world_size: int, engine_name: str, sub: Optional[Subnet], n_masked: int,
-               target: str, ibot: bool, keep_model: bool = False) -> MemoryReport:
+               target: str, ibot: bool, modes: tuple = ()) -> MemoryReport:
+    """One step on fake tensors under a :class:`MemoryTracker`; ``modes``: more dispatch modes to run the step's
+    ops through (e.g. :class:`poa_hpc.perf.comm.CommCounter`), entered inside the tracker."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from poa_hpc.distributed.engines import ENGINES
@@ -425,16 +427,20 @@ def _fake_step(cfg: POAConfig, world_size: int, engine_name: str, sub: Optional[
         branches = (model.student, model.teacher)
         hooks = tracker.watch_modules([("backbone forward", b.backbone) for b in branches]
                                       + [("heads forward", h) for b in branches for h in b.heads])
-        with attention_kernel(kernel):
-            model.forward_backward(fake_batch, sub, cfg.loss.warmup_teacher_temp, ibot=ibot,
-                                   backward=engine.backward, autocast=autocast, phase=tracker.phase)
-        for h in hooks:
-            h.remove()
-        tracker.relabel([p.grad for p in model.student.parameters() if p.grad is not None], "gradients")
-        with tracker.phase("optimizer (clip + AdamW)"):
-            engine.clip_and_step(cfg.optim.clip_grad)
-        with tracker.phase("EMA"):
-            engine.update_teacher(0.999)
+        with contextlib.ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
+            phase = _both(tracker.phase, *[m.phase for m in modes if hasattr(m, "phase")])
+            with attention_kernel(kernel):
+                model.forward_backward(fake_batch, sub, cfg.loss.warmup_teacher_temp, ibot=ibot,
+                                       backward=engine.backward, autocast=autocast, phase=phase)
+            for h in hooks:
+                h.remove()
+            tracker.relabel([p.grad for p in model.student.parameters() if p.grad is not None], "gradients")
+            with phase("optimizer (clip + AdamW)"):
+                engine.clip_and_step(cfg.optim.clip_grad)
+            with phase("EMA"):
+                engine.update_teacher(0.999)
         _relabel_states(tracker, model, optimizer)
         report = tracker.replay(start)
     sizes = {"student_params": sum(p.numel() for p in model.student.parameters()),
@@ -445,6 +451,18 @@ def _fake_step(cfg: POAConfig, world_size: int, engine_name: str, sub: Optional[
                         "activation_checkpointing": bool(cfg.dist.activation_checkpointing),
                         "chunk_elements": cfg.loss.chunk_elements, **sizes})
     return report
+
+
+def _both(*phases: Callable[[str], contextlib.AbstractContextManager]) -> Callable[[str], contextlib.ExitStack]:
+    """One ``phase(name)`` hook that enters every given one."""
+    @contextlib.contextmanager
+    def phase(name: str):
+        with contextlib.ExitStack() as stack:
+            for p in phases:
+                stack.enter_context(p(name))
+            yield
+
+    return phase
 
 
 def _relabel_states(tracker: MemoryTracker, model, optimizer) -> None:
