@@ -285,6 +285,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from poa_hpc.bench.data import run as bench_data
 
         return bench_data(args.args)
+    if args.what == "step":
+        from poa_hpc.bench.step import run as bench_step
+
+        return bench_step(args.args)
     raise UsageError(f"unknown benchmark {args.what!r}")
 
 
@@ -296,9 +300,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from poa_hpc.perf.profile import run as run_profile
+    from poa_hpc.perf.profile import profile
 
-    return run_profile(args.args)
+    return profile(args)
 
 
 # ------------------------------------------------------------------ submit
@@ -360,10 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_subnets)
 
     b = sub.add_parser("bench", help="benchmarks that print a table and write JSON under benchmarks/results/")
-    b.add_argument("what", choices=("engines", "kernels", "attention", "data"),
+    b.add_argument("what", choices=("engines", "kernels", "attention", "data", "step"),
                    help="engines: POA step img/s and peak memory per engine; kernels: sliced projection "
                         "fwd+bwd (torch, Triton, dense); attention: fwd+bwd TFLOP/s per backend; data: "
-                        "multi-crop loader img/s (torchvision, DALI CPU, DALI GPU)")
+                        "multi-crop loader img/s (torchvision, DALI CPU, DALI GPU); step: one device's POA step "
+                        "(img/s, MFU, phase times, peak memory vs poa estimate memory)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see poa bench engines -h)")
     b.set_defaults(func=cmd_bench)
 
@@ -377,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="a few steps under torch.profiler: Chrome trace, memory snapshot (CUDA), "
                                         "top operators, per-phase times")
-    pr.add_argument("args", nargs=argparse.REMAINDER, help="options (see poa profile -h)")
+    from poa_hpc.perf.profile import add_arguments as add_profile_arguments
+
+    add_profile_arguments(pr)
     pr.set_defaults(func=cmd_profile)
 
     sb = sub.add_parser("submit", help="submit a training job to Slurm (submitit; one task per GPU, "

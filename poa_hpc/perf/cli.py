@@ -132,7 +132,7 @@ def estimate_flops(argv: List[str]) -> int:
              "peak_device": peak_name, "counted_with": "torch.utils.flop_counter.FlopCounterMode on meta tensors",
              "attention_kernel": "flash (backward counted as 5 matmuls: the scores are recomputed)"}
     if exp is not None:
-        n = len(exp["elastic"])
+        n = len(space.probabilities())
         mean, crit = exp["step_mean"], exp["step_critical"]
         print(f"\nUnder eq. 14 ({n} elastic sub-networks; elastic branch counted per width at the smallest and largest "
               f"depth, interpolated in depth): elastic branch {exp['elastic_mean'] / 1e12:.2f} TFLOP on average, "
