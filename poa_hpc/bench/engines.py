@@ -168,8 +168,8 @@ def run(argv: List[str] | None = None) -> int:
 
 def _fmt(row: dict) -> str:
     if "error" in row:
-        return f"{row['model']:<7}{row['engine']:<13} ERROR {row['error']}"
-    return (f"{row['model']:<7}{row['engine']:<13}{row['world_size']:>3} ranks  {row['img_per_s']:>9.1f} img/s  "
+        return f"{row['model']:<9}{row['engine']:<13} ERROR {row['error']}"
+    return (f"{row['model']:<9}{row['engine']:<13}{row['world_size']:>3} ranks  {row['img_per_s']:>9.1f} img/s  "
             f"{row['step_s'] * 1e3:>9.1f} ms/step  peak {row['peak_mem_gib']:>7.2f} GiB/rank")
 
 
