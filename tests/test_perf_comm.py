@@ -57,3 +57,19 @@ def test_estimate_comm_cli(tmp_path, capsys):
     rows = json.loads(path.read_text())["rows"]
     assert [r["world_size"] for r in rows] == [8, 64] and rows[1]["comm_s"] > rows[0]["comm_s"]
     assert main(["estimate", "comm", "--config", "configs/demo_cpu.yaml", "--link-gbps", "0"]) == 2
+
+
+def test_reshard_after_forward_false_gathers_once_per_branch():
+    """dist.reshard_after_forward=false keeps each student unit gathered from its forward calls (global and local
+    crops) to its backward, instead of gathering it for each call and again in backward; the teacher, which has no
+    backward, still reshards, so the EMA meets sharded teacher and student parameters."""
+    cfg = load_config("configs/demo_cpu.yaml", tiny() + ["optim.batch_size=4", "data.n_local=1"])
+    units = len(cfg.head.prototypes) + cfg.model.vit.depth + 1
+    default = step_collectives(cfg, 4, "fsdp", n_masked=3)
+    cfg.dist.reshard_after_forward = False
+    kept = step_collectives(cfg, 4, "fsdp", n_masked=3)  # the step runs through the EMA
+    for branch in ("intact", "elastic"):
+        n_default = sum(c.phase == branch and c.kind == "all_gather" for c in default)
+        n_kept = sum(c.phase == branch and c.kind == "all_gather" for c in kept)
+        assert units <= n_kept <= 2 * units < n_default, (branch, n_kept, n_default)
+    assert sum(c.phase == "teacher" and c.kind == "all_gather" for c in kept) == units

@@ -174,7 +174,11 @@ class FSDPEngine(Engine):
             kw["mp_policy"] = mp
         if self.mesh is not None:
             kw["mesh"] = self.mesh
+        student_kw = kw
         for branch in (model.student, model.teacher):
+            # The teacher has no backward: its units always reshard after forward (else dist.reshard_after_forward=false
+            # would leave them unsharded, and the EMA would meet whole teacher and sharded student parameters).
+            kw = student_kw if branch is model.student else {**student_kw, "reshard_after_forward": True}
             bb = branch.backbone
             bb.sync_skipped_blocks = True  # per-rank sub-networks of different depth: keep collectives aligned
             # The family spec names the units (ViT: blocks; Swin: blocks and patch merges; ...).
