@@ -9,6 +9,8 @@
     poa eval linear SUBNET.safetensors ... [--config CFG] [key=value ...]
     poa subnets --config CFG
     poa demo    [--output-dir DIR] [key=value ...]
+    poa estimate flops|memory|comm --config CFG [options] [key=value ...]
+    poa profile --config CFG [--steps N] [key=value ...]
 
 Errors in the user's input (config keys, paths, sub-network sizes) end with a
 one-line message and exit code 2; a diverged run ends with exit code 3.
@@ -414,7 +416,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from poa_hpc.bench.data import run as bench_data
 
         return bench_data(args.args)
+    if args.what == "step":
+        from poa_hpc.bench.step import run as bench_step
+
+        return bench_step(args.args)
     raise UsageError(f"unknown benchmark {args.what!r}")
+
+
+# ------------------------------------------------------------------ estimate, profile
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from poa_hpc.perf.cli import estimate
+
+    return estimate(args.what, args.args)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from poa_hpc.perf.profile import profile
+
+    return profile(args)
 
 
 # ------------------------------------------------------------------ submit
@@ -498,12 +517,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_subnets)
 
     b = sub.add_parser("bench", help="benchmarks that print a table and write JSON under benchmarks/results/")
-    b.add_argument("what", choices=("engines", "kernels", "attention", "data"),
+    b.add_argument("what", choices=("engines", "kernels", "attention", "data", "step"),
                    help="engines: POA step img/s and peak memory per engine; kernels: sliced projection "
                         "fwd+bwd (torch, Triton, dense); attention: fwd+bwd TFLOP/s per backend; data: "
-                        "multi-crop loader img/s (torchvision, DALI CPU, DALI GPU)")
+                        "multi-crop loader img/s (torchvision, DALI CPU, DALI GPU); step: one device's POA step "
+                        "(img/s, MFU, phase times, peak memory vs poa estimate memory)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see poa bench engines -h)")
     b.set_defaults(func=cmd_bench)
+
+    es = sub.add_parser("estimate", help="FLOPs, peak memory per rank, communication of a POA step, without a GPU "
+                                          "(tables + JSON under benchmarks/results/)")
+    es.add_argument("what", choices=("flops", "memory", "comm"),
+                    help="flops: FLOPs per part, eq. 14 expectation, GPU-hours at an MFU; memory: peak device memory "
+                         "per rank (fake tensors, fake process group); comm: bytes per rank and engine, scaling floor")
+    es.add_argument("args", nargs=argparse.REMAINDER, help="options (see poa estimate flops -h)")
+    es.set_defaults(func=cmd_estimate)
+
+    pr = sub.add_parser("profile", help="a few steps under torch.profiler: Chrome trace, memory snapshot (CUDA), "
+                                        "top operators, per-phase times")
+    from poa_hpc.perf.profile import add_arguments as add_profile_arguments
+
+    add_profile_arguments(pr)
+    pr.set_defaults(func=cmd_profile)
 
     sb = sub.add_parser("submit", help="submit a training job to Slurm (submitit; one task per GPU, "
                                         "checkpoint + requeue on time limit or preemption)")

@@ -77,6 +77,9 @@ class LossConfig:
     mask_sample_probability: float = 0.5
     mask_ratio_min: float = 0.1
     mask_ratio_max: float = 0.5
+    # Heads and losses form at most this many logits (rows x prototypes) at a time, head by head
+    # (poa_hpc/losses/chunked.py): 2**24 fp32 logits are 64 MiB per temporary.  0: one chunk per head.
+    chunk_elements: int = 16777216
 
 
 @dataclass
@@ -135,6 +138,9 @@ class TrainConfig:
     # collapse_patience consecutive logged steps.  0 disables the warning (the statistics are still logged).
     collapse_tolerance: float = 0.01
     collapse_patience: int = 20
+    # Peak TFLOP/s of one device for the logged `mfu` (achieved `tflops` / peak).  0: the dense bf16 peak of the
+    # GPU by name (A100 312, H100/H200 989; poa_hpc/perf/flops.py), and no `mfu` on the CPU.
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -215,6 +221,10 @@ def validate(cfg: POAConfig) -> POAConfig:
         raise ConfigError(f"key 'train.collapse_tolerance': {cfg.train.collapse_tolerance} must be in [0, 1)")
     if cfg.train.collapse_patience < 0:
         raise ConfigError(f"key 'train.collapse_patience': {cfg.train.collapse_patience} must be >= 0 (0 disables)")
+    if cfg.train.peak_tflops < 0:
+        raise ConfigError(f"key 'train.peak_tflops': {cfg.train.peak_tflops} must be >= 0 (0: the GPU's table value)")
+    if cfg.loss.chunk_elements < 0:
+        raise ConfigError(f"key 'loss.chunk_elements': {cfg.loss.chunk_elements} must be >= 0 (0: one chunk per head)")
     if cfg.optim.batch_size < 2:
         raise ConfigError(f"key 'optim.batch_size': {cfg.optim.batch_size} must be >= 2 (KoLeo needs neighbours)")
     return cfg

@@ -8,6 +8,8 @@ masks are drawn per rank).  A wrong reduction, an EMA on unsynchronised weights 
 batch split that is not the global batch makes these runs diverge.
 """
 
+import json
+
 import pytest
 
 from backbones import tiny

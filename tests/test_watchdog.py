@@ -13,7 +13,8 @@ from poa_hpc.train import trainer as trainer_mod
 from poa_hpc.train.watchdog import CollapseWatchdog
 
 from test_losses import sk_reference
-from test_meta_arch import batch, make, tiny_cfg
+from poa_hpc.train.meta_arch import branch_logits
+from test_meta_arch import batch, floats, make, tiny_cfg
 from test_train import TINY
 
 KS = [32, 48]
@@ -92,12 +93,12 @@ def test_step_statistics_against_hand_computation():
     m = make(cfg)
     b = batch(masked=False)
     with torch.no_grad():  # the same forward the step runs (no drop-path, no masks without iBOT)
-        teacher = m.teacher(b["global_crops"])["logits"]
-        student = m.student(b["global_crops"], width=m.intact.width, depth=m.intact.depth)["logits"]
-    plain = m.forward_backward(b, Subnet(16, 2), 0.04, ibot=False)
+        teacher = branch_logits(m.teacher(b["global_crops"]))
+        student = branch_logits(m.student(b["global_crops"], width=m.intact.width, depth=m.intact.depth))
+    plain = floats(m.forward_backward(b, Subnet(16, 2), 0.04, ibot=False))
     assert not any(k.startswith("collapse/") for k in plain)
     m.zero_grad()
-    out = m.forward_backward(b, Subnet(16, 2), 0.04, ibot=False, stats=True)
+    out = floats(m.forward_backward(b, Subnet(16, 2), 0.04, ibot=False, stats=True))
     tau = cfg.loss.student_temp
     for i in range(len(cfg.head.prototypes)):
         targets = sk_reference(teacher[i]["global"].double().tolist(), 0.04, cfg.loss.sinkhorn_iters).tolist()

@@ -41,7 +41,7 @@ import torch.nn as nn
 from poa_hpc.config import ConfigError, flatten
 from poa_hpc.distributed.env import DistContext, barrier
 from poa_hpc.train.checkpoint import LAST, atomic_save, load_checkpoint
-from poa_hpc.train.optim import clip_grad_norm
+from poa_hpc.train.optim import clip_grad_norm_tensor
 
 MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 
@@ -71,9 +71,11 @@ class Engine:
     def reduce_gradients(self) -> None:
         """Make gradients the average over ranks (no-op where the engine did it in backward)."""
 
-    def clip_and_step(self, max_norm: float) -> float:
+    def clip_and_step(self, max_norm: float):
+        """Clip, step, zero the gradients; returns the gradient norm before clipping (a float or a 0-d
+        tensor on the device: read it only where it is logged, reading it waits for the device)."""
         self.reduce_gradients()
-        norm = clip_grad_norm(self.model.student.parameters(), max_norm)
+        norm = clip_grad_norm_tensor(self.model.student.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -147,22 +149,36 @@ class FSDPEngine(Engine):
 
     name = "fsdp"
     DCP_DIR = "last_dcp"
+    #: device mesh to shard over (None: FSDP2's default, the whole world); set by ``poa estimate memory``
+    mesh = None
+
+    def mixed_precision(self):
+        """bf16 parameters with fp32 gradient reduction on CUDA under bf16 autocast, else None."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if self.ctx.device.type == "cuda" and self.amp in ("auto", "bf16"):
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return None
 
     def setup(self, model: nn.Module, make_optimizer: MakeOptimizer) -> torch.optim.Optimizer:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         if not dist.is_initialized():
             raise ConfigError("key 'dist.engine': fsdp needs a process group; launch with torchrun or `poa train --nproc N`")
         # The backbone returns views of its last activation ([CLS] / patch tokens); POA applies only
         # out-of-place ops to them, which is what FSDP2's warning asks for.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-        mp = None
-        if self.ctx.device.type == "cuda" and self.amp in ("auto", "bf16"):
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mp = self.mixed_precision()
         kw = {"reshard_after_forward": self.cfg.reshard_after_forward}
         if mp is not None:
             kw["mp_policy"] = mp
+        if self.mesh is not None:
+            kw["mesh"] = self.mesh
+        student_kw = kw
         for branch in (model.student, model.teacher):
+            # The teacher has no backward: its units always reshard after forward (else dist.reshard_after_forward=false
+            # would leave them unsharded, and the EMA would meet whole teacher and sharded student parameters).
+            kw = student_kw if branch is model.student else {**student_kw, "reshard_after_forward": True}
             bb = branch.backbone
             bb.sync_skipped_blocks = True  # per-rank sub-networks of different depth: keep collectives aligned
             # The family spec names the units (ViT: blocks; Swin: blocks and patch merges; ...).

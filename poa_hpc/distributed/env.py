@@ -128,14 +128,23 @@ def barrier() -> None:
 
 
 def all_reduce_mean(values: dict, device: torch.device) -> dict:
-    """Mean of a dict of floats over ranks (one collective)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(values)
+    """Mean over ranks of a dict of numbers and 0-d tensors, as floats: one collective and one
+    device-to-host copy (the caller's one host synchronisation), however many entries."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    on_dev = [k for k in keys if isinstance(values[k], torch.Tensor)]
+    on_host = [k for k in keys if not isinstance(values[k], torch.Tensor)]
+    parts = []
+    if on_dev:
+        parts.append(torch.stack([values[k].detach().reshape(()).to(device, torch.float64) for k in on_dev]))
+    if on_host:  # staged host-to-device copy: no wait on the device
+        parts.append(torch.tensor([float(values[k]) for k in on_host], dtype=torch.float64).to(device))
+    if not parts:
+        return {}
+    t = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t = t / dist.get_world_size()
+    return dict(zip(on_dev + on_host, t.tolist()))
 
 
 def shutdown() -> None:

@@ -30,9 +30,12 @@ class WeightNormLinear(nn.Module):
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.trunc_normal_(self.weight_v, std=0.02)
 
+    def weight_matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) prototype matrix ``g * v / ||v||`` in ``dtype`` (the input's)."""
+        return (self.weight_g * F.normalize(self.weight_v, dim=1)).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_g * F.normalize(self.weight_v, dim=1)
-        return F.linear(x, w.to(x.dtype))
+        return F.linear(x, self.weight_matrix(x.dtype))
 
 
 class DINOHead(nn.Module):
@@ -56,10 +59,18 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, project: bool = True):
+        """Logits ``(T, K)``; with ``project=False`` the pair ``(z, W)`` instead: the L2-normalised
+        bottleneck features ``z`` (T, bottleneck) and the prototype matrix ``W`` (K, bottleneck), whose
+        product ``F.linear(z, W)`` is the logits.  The training step takes the pair and forms the logits
+        chunk by chunk inside its losses (:mod:`poa_hpc.losses.chunked`), so a (T, K) matrix of every
+        head is never alive at once; ``W`` is computed here, inside the module call, so sharding
+        wrappers see their parameters used in this module's forward."""
         x = self.mlp(x)  # the first (elastic) layer reads the input width from x
-        x = F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
-        return self.last_layer(x)
+        z = F.normalize(x, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        if project:
+            return self.last_layer(z)
+        return z, self.last_layer.weight_matrix(z.dtype)
 
 
 def build_heads(in_dim: int, prototypes: Sequence[int], hidden_dim: int, bottleneck_dim: int, nlayers: int,

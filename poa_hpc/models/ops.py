@@ -7,9 +7,10 @@ projection, xFormers for attention) plug in here without touching the model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,38 @@ ATTENTION_BACKENDS = ("sdpa", "math", "xformers")
 
 log = logging.getLogger("poa_hpc.ops")
 _fallback_said = set()
+_kernel: Optional[Callable[..., torch.Tensor]] = None
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if bias is not None:  # a GPU's SDPA runs the memory-efficient kernel for an additive bias (Swin windows)
+        return _efficient(q, k, v, bias)
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+
+
+def _efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if bias is not None:
+        bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, q.requires_grad)[0]
+
+
+ATTENTION_KERNELS = {"flash": _flash, "efficient": _efficient}
+
+
+@contextlib.contextmanager
+def attention_kernel(name: Optional[str]) -> Iterator[None]:
+    """Within this context every :func:`attention` call runs the named SDPA kernel directly: ``flash``
+    (what a GPU's SDPA runs for bf16/fp16) or ``efficient`` (fp32); ``None`` changes nothing.
+
+    For accounting on fake or meta tensors (``poa estimate``, FLOP counting): there SDPA's own dispatch
+    sees no GPU and takes the math path, whose autograd saves the N x N attention matrix; the kernels
+    called here save what they save on a GPU (output and log-sum-exp), and FLOP counters see them."""
+    global _kernel
+    saved, _kernel = _kernel, (ATTENTION_KERNELS[name] if name else None)
+    try:
+        yield
+    finally:
+        _kernel = saved
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,13 +165,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     instead).
     ``sdpa``: torch's scaled_dot_product_attention, which picks flash / efficient /
     cuDNN kernels itself.  ``math``: the plain reference.  An elastic width just
-    means fewer heads H; every backend takes any H.
+    means fewer heads H; every backend takes any H.  Inside :func:`attention_kernel` the
+    named kernel runs instead.
     """
     if q.numel() == 0 and bias is not None and bias.requires_grad:
         # An empty batch (a block a sub-network skips, run so that sharded engines' per-block collectives
         # stay aligned): SDPA returns an output detached from the bias there, leaving its parameters
         # (Swin's bias tables) without a gradient on this rank only; the math path gives them zeros.
         backend = "math"
+    elif _kernel is not None:
+        return _kernel(q, k, v, bias)
     if backend == "xformers":
         if bias is not None:
             # xformers wants a bias whose rows are padded to a multiple of 8 elements; Swin's windows

@@ -28,6 +28,8 @@ from poa_hpc.distributed.engines import build_engine
 from poa_hpc.distributed.env import all_reduce_mean, init_distributed, shutdown
 from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
+from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
+from poa_hpc.perf.timing import StepTimer
 from poa_hpc.train.checkpoint import LAST
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
@@ -173,6 +175,10 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     meta = {"config": to_dict(cfg), "sampler": sampler.state_dict(), "iters_per_epoch": iters_per_epoch,
             "engine": engine.name, "world_size": world_size}
 
+    # Per-phase times (CUDA events read at logged steps), achieved TFLOP/s and MFU (analytic FLOPs of this rank's step).
+    timer = StepTimer(device)
+    peak = cfg.train.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    flops_since_log = 0.0
     bar = None
     # A bar on a terminal; in a log file (sbatch, submitit) one line per logged step instead.
     log_lines = cfg.train.progress and rank == 0 and not sys.stderr.isatty()
@@ -191,19 +197,24 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     try:
         for step in range(start_step, end):
             torch.manual_seed(step_seed(cfg.train.seed, rank, step))
-            batch = next(it)
+            with timer.host("data"):
+                batch = next(it)
             assert int(batch.get("step", step)) == step, f"loader out of step: batch {batch.get('step')} at step {step}"
             s = sched.at(step)
             apply_schedules(optimizer, s["lr"], s["wd"], s["last_layer_lr"])
             sub = sampler.sample(step)
             logged = step % cfg.train.log_every == 0 or step == end - 1
-            terms = model.forward_backward(batch, sub, s["teacher_temp"], ibot=step >= ibot_start,
-                                           backward=engine.backward, autocast=autocast, stats=logged)
-            # Decide on all-reduced values: a rank stopping alone would deadlock the others.
+            ibot = step >= ibot_start
+            terms = model.forward_backward(batch, sub, s["teacher_temp"], ibot=ibot, backward=engine.backward,
+                                           autocast=autocast, stats=logged, phase=timer.phase)
+            flops = sum(analytic_step_flops(cfg, sub, batch["mask_indices"].numel(), ibot).values())
+            # Decide on all-reduced values: a rank stopping alone would deadlock the others.  This is the step's
+            # one host synchronisation: the loss terms stay on the device until here.
             got = stop is not None and stop.signal is not None
-            terms = all_reduce_mean({**terms, "n_skipped": float(batch.get("n_skipped", 0)),
+            terms = all_reduce_mean({**terms, "n_skipped": float(batch.get("n_skipped", 0)), "flops": flops,
                                      "stop_ranks": float(got), "stop_signal": float(stop.signal) if got else 0.0},
                                     device)
+            flops_since_log += terms.pop("flops")
             skipped += int(round(terms.pop("n_skipped") * world_size))
             stop_ranks, stop_signal = terms.pop("stop_ranks") * world_size, terms.pop("stop_signal") * world_size
             if not math.isfinite(terms["loss"]):
@@ -213,21 +224,30 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                     f"optimizer step and the last good checkpoint in {ckpt_dir} was left untouched. "
                     f"Lower optim.base_lr or raise optim.warmup_epochs, then resume with --resume."
                 )
-            grad_norm = engine.clip_and_step(cfg.optim.clip_grad)
-            engine.update_teacher(s["momentum"])
+            with timer.phase("optimizer"):  # clipping, AdamW and the EMA
+                grad_norm = engine.clip_and_step(cfg.optim.clip_grad)
+                engine.update_teacher(s["momentum"])
+            timer.step_done()
 
             now = time.perf_counter()
             ips = global_batch / max(now - t_last, 1e-9)
             t_last = now
-            record = {"step": step, "epoch": step // iters_per_epoch, "width": sub.width, "depth": sub.depth,
-                      "lr": s["lr"], "wd": s["wd"], "momentum": s["momentum"], "teacher_temp": s["teacher_temp"],
-                      "grad_norm": grad_norm, "img_per_s": ips, "skipped_images": skipped, **terms}
             if logged:  # every rank feeds the same all-reduced record; the main rank warns
+                record = {"step": step, "epoch": step // iters_per_epoch, "width": sub.width, "depth": sub.depth,
+                          "lr": s["lr"], "wd": s["wd"], "momentum": s["momentum"], "teacher_temp": s["teacher_temp"],
+                          "grad_norm": float(grad_norm), "img_per_s": ips, "skipped_images": skipped, **terms}
+                n_steps, times = timer.collect()
+                record.update(times)
+                # achieved per device: this rank's step FLOPs (mean over ranks) over the measured step time
+                record["tflops"] = flops_since_log / n_steps / max(times["time/step_ms"] / 1e3, 1e-12) / 1e12
+                if peak:
+                    record["mfu"] = record["tflops"] / peak
+                flops_since_log = 0.0
                 warning = watchdog.update(record)
                 if warning is not None and ctx.is_main:
                     log.warning(warning)
                 record["collapsed"] = int(watchdog.collapsed)
-            last_record = record
+                last_record = record
             if metrics is not None and logged:
                 metrics.write(record)
             if log_lines and logged:
@@ -243,12 +263,14 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                 skipped_at_epoch_start = skipped
             if stop_ranks > 0.5:  # some rank got a stop signal: all checkpoint this step and return
                 interrupted = _signal_name(stop, stop_signal / round(stop_ranks))
-                engine.save(ckpt_dir, step + 1, {**meta, "watchdog": watchdog.state_dict()})
+                with timer.host("checkpoint"):
+                    engine.save(ckpt_dir, step + 1, {**meta, "watchdog": watchdog.state_dict()})
                 end = step + 1
                 log.warning("stopped by %s after step %d; checkpoint saved in %s", interrupted, step, ckpt_dir)
                 break
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
-                engine.save(ckpt_dir, step + 1, {**meta, "watchdog": watchdog.state_dict()})
+                with timer.host("checkpoint"):
+                    engine.save(ckpt_dir, step + 1, {**meta, "watchdog": watchdog.state_dict()})
     finally:
         if bar is not None:
             bar.close()
