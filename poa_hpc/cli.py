@@ -2,13 +2,17 @@
 
     poa train   --config CFG [--resume] [--nproc N] [key=value ...]
     poa submit  --config CFG --nodes N --gpus-per-node G --partition P --time T [key=value ...]
-    poa extract CKPT (--width W --depth D | --subnet WxD ... | --all) -o OUT
+    poa extract CKPT [--step S] (--width W --depth D | --subnet WxD ... | --all) -o OUT
     poa eval knn SUBNET.safetensors ... [--config CFG] [key=value ...]
+    poa eval knn RUN_DIR --step S --subnet WxD ...
     poa subnets --config CFG
     poa demo    [--output-dir DIR] [key=value ...]
 
-Errors in the user's input (config keys, paths, sub-network sizes) end with a
-one-line message and exit code 2; a diverged run ends with exit code 3.
+Exit codes (poa_hpc.launch.status): errors in the user's input (config keys,
+paths, sub-network sizes) end with a one-line message and exit code 2; a
+diverged run with 3; a checkpoint or run folder that cannot be written (disk
+full, read-only) with 4; a collective that lost a rank with a one-line
+message and 1.
 """
 
 from __future__ import annotations
@@ -66,12 +70,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ extract
-def _load_teacher(ckpt_path: str, which: str):
+def _load_teacher(ckpt_path: str, which: str, step: Optional[int] = None):
     from poa_hpc.train.checkpoint import load_checkpoint
     from poa_hpc.train.meta_arch import build_branch
 
     try:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, step=step)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     cfg = from_dict(ckpt["config"])
@@ -120,34 +124,69 @@ def extract_to(cfg: POAConfig, backbone, subs, out: Path, single_file: bool, ste
 def cmd_extract(args: argparse.Namespace) -> int:
     from poa_hpc.models.subnets import SubnetSpace
 
-    cfg, backbone, step = _load_teacher(args.checkpoint, args.branch)
+    cfg, backbone, step = _load_teacher(args.checkpoint, args.branch, args.step)
     space = SubnetSpace.from_model_config(cfg.model)
     subs = _subnets_from_args(args, space)
     out = Path(args.output)
     single = len(subs) == 1 and out.suffix == ".safetensors"
     if not single and out.suffix == ".safetensors":
         raise UsageError(f"-o {out}: several sub-networks need an output folder, not a .safetensors file")
-    paths = extract_to(cfg, backbone, subs, out, single, step, f"{args.checkpoint}:{args.branch}")
+    source = f"{args.checkpoint}:{args.branch}" + (f"@step{args.step}" if args.step is not None else "")
+    paths = extract_to(cfg, backbone, subs, out, single, step, source)
     for p in paths:
         print(p)
     return 0
 
 
 # ------------------------------------------------------------------ eval
+def _subnets_of_checkpoints(args: argparse.Namespace, tmp: Path) -> List[str]:
+    """``poa eval knn`` inputs: .safetensors files as given; a run folder or training checkpoint
+    (at ``--step``, default the newest) extracted to ``tmp`` first (``--subnet``, default smallest and intact)."""
+    from poa_hpc.models.subnets import Subnet, SubnetSpace
+
+    files = []
+    for i, src in enumerate(args.subnets):
+        if str(src).endswith(".safetensors"):
+            if args.step is not None:
+                raise UsageError(f"--step selects a checkpoint of a run folder; '{src}' is an extracted sub-network")
+            files.append(str(src))
+            continue
+        cfg, backbone, step = _load_teacher(src, "teacher", args.step)
+        space = SubnetSpace.from_model_config(cfg.model)
+        subs = [Subnet.parse(x) for x in args.subnet] if args.subnet else [
+            Subnet(space.widths[0], space.depths[0]), space.intact]
+        for sub in subs:
+            try:
+                space.check(sub)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        out = tmp / f"{i}_step{step}"
+        files += [str(p) for p in extract_to(cfg, backbone, subs, out, False, step, f"{src}@step{step}")]
+    return files
+
+
 def cmd_eval_knn(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="poa-eval-") as tmp:
+        return _eval_knn(args, _subnets_of_checkpoints(args, Path(tmp)))
+
+
+def _eval_knn(args: argparse.Namespace, subnet_files: List[str]) -> int:
     import torch
 
     from poa_hpc.eval.evaluate import format_table, knn_evaluate
     from poa_hpc.models.extract import load_subnet
 
     models, meta0 = [], None
-    for path in args.subnets:
+    for path in subnet_files:
         try:
             model, meta = load_subnet(path)
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from None
         meta0 = meta0 or meta
-        models.append((Path(path).stem, model))
+        stem = Path(path).stem
+        models.append((f"{stem}@step{meta['step']}" if args.step is not None and "step" in meta else stem, model))
     # Defaults: the training config recorded in the file at extraction (its data and eval sections).
     cfg = load_config(args.config, args.overrides, base=meta0.get("config"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -258,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("extract", help="write dense sub-networks from a checkpoint's teacher")
     e.add_argument("checkpoint", help="training checkpoint (file, or run folder with checkpoints/last.pt)")
+    e.add_argument("--step", type=int, default=None,
+                   help="a kept checkpoint of a run folder (checkpoints/step_XXXXXXXX.pt) instead of the newest")
     e.add_argument("--width", type=int)
     e.add_argument("--depth", type=int)
     e.add_argument("--subnet", action="append", help="WIDTHxDEPTH, repeatable")
@@ -269,7 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate extracted sub-networks")
     evs = ev.add_subparsers(dest="eval_command", required=True)
     k = evs.add_parser("knn", help="weighted k-NN on frozen [CLS] features")
-    k.add_argument("subnets", nargs="+", help="sub-network .safetensors files written by `poa extract`")
+    k.add_argument("subnets", nargs="+", help="sub-network .safetensors files written by `poa extract`, or run "
+                                                "folders / training checkpoints to extract them from")
+    k.add_argument("--step", type=int, default=None, help="for a run folder: the kept checkpoint of this step")
+    k.add_argument("--subnet", action="append", help="for a run folder: WIDTHxDEPTH, repeatable (default: the "
+                                                     "smallest and the intact one)")
     k.add_argument("--config", help="config whose data/eval sections to use (default: recorded in the file)")
     k.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.root=/imagenet")
     k.set_defaults(func=cmd_eval_knn)
@@ -315,23 +360,24 @@ def setup_logging(verbose: bool) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from poa_hpc.launch.submit import SubmitError
-    from poa_hpc.train.trainer import NonFiniteLossError, ResumeError
+    from poa_hpc.launch.status import classify_error, exit_rank
 
     try:
         return args.func(args)
-    except (ConfigError, UsageError, ResumeError, SubmitError) as exc:
-        print(f"poa {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"poa {args.command}: error: {exc}", file=sys.stderr)
-        return 3
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        print(f"poa {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"poa {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        known = classify_error(exc)  # exit codes: see the module doc
+        if known is None:
+            raise  # a bug: the traceback is the report
+        code, message = known
+        import os
+
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"poa {args.command}: error{where}: {message}", file=sys.stderr)
+        return exit_rank(code)
 
 
 if __name__ == "__main__":

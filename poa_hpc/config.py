@@ -126,6 +126,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | none
     checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # checkpoints kept (newest by step); a resume falls back to an older readable one
+    keep_every: int = 0  # > 0: also checkpoint every N steps and keep those for good (evaluation along the run)
     log_every: int = 10
     max_steps: int = 0  # 0: epochs * iters_per_epoch; otherwise stop early at this step
     tensorboard: bool = False
