@@ -143,6 +143,9 @@ class DistConfig:
     compile: bool = False  # fsdp: torch.compile each block
     reshard_after_forward: bool = True  # fsdp: free gathered block params after forward (ZeRO-3 like)
     zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    # Seconds a collective may wait for the other ranks before this rank fails (a dead or stuck
+    # rank then ends the job instead of holding the allocation idle); NCCL's async error handling is on.
+    timeout_s: int = 600
     # deepspeed: extra DeepSpeed config merged over the one derived from this file
     # (batch, clipping and the optimizer always come from optim.*), e.g.
     # {zero_optimization: {stage3_prefetch_bucket_size: 5e7}}

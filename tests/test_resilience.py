@@ -1,9 +1,13 @@
-"""What a long run survives, without Slurm: real processes, real file-system faults.
+"""What a long run survives, without Slurm: real processes, real file-system faults, real signals.
 
 * a truncated newest checkpoint: the resume reports it and uses the previous one; the run
   finishes as an uninterrupted one (checkpoint history, keep_checkpoints / keep_every, --step);
 * a full file system and a read-only checkpoint folder during a save (a tiny tmpfs filled up,
-  a read-only bind mount): one-line error, exit code 4, the committed checkpoints intact.
+  a read-only bind mount): one-line error, exit code 4, the committed checkpoints intact;
+* torchrun's --max-restarts: a worker SIGKILLed mid-run, the workers restart and resume;
+* a rank stuck (SIGSTOP) while the others wait in a collective: they fail after dist.timeout_s;
+* two Slurm-launched jobs on one node whose ids differ by 20000 (the modulus of the old
+  job-id port): each gets its own master port.
 
 The file-system tests mount file systems, which needs root (CAP_SYS_ADMIN); without it they skip
 with the reason, and with POA_FAULT_TESTS_REQUIRED=1 (CI) they fail instead.
@@ -27,6 +31,8 @@ import torch
 
 from poa_hpc.cli import main
 from poa_hpc.train.checkpoint import load_checkpoint
+from reference_runs import RESTART_RUN, RESTART_STEPS
+from reference_runs import assert_same_run as assert_same_reference_run
 from test_train import DETERMINISTIC_ENV, LOSS_KEYS, TINY, metrics
 
 FAULTS_REQUIRED = os.environ.get("POA_FAULT_TESTS_REQUIRED", "") not in ("", "0")
@@ -227,3 +233,94 @@ def test_read_only_checkpoint_folder_mid_run_stops_all_ranks_with_exit_code_4(tm
     assert _committed(ckpts) == before and before
     for name in before:
         assert load_checkpoint(ckpts / name)["model"]
+
+
+# ------------------------------------------------------------------ torchrun restarts, hangs
+
+def _worker(tag: str, rank: int, restart: int = 0, timeout: float = 120) -> int:
+    """PID of the training worker of ``rank`` (torchrun attempt ``restart``) among processes carrying ``tag``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                env = dict(kv.split("=", 1) for kv in (d / "environ").read_text().split("\0") if "=" in kv)
+            except OSError:
+                continue
+            if (env.get("POA_TEST_TAG") == tag and env.get("RANK") == str(rank)
+                    and env.get("TORCHELASTIC_RESTART_COUNT", "0") == str(restart)):
+                return int(d.name)
+        time.sleep(0.05)
+    pytest.fail(f"no worker of rank {rank} (attempt {restart}) found")
+
+
+def test_torchrun_max_restarts_resumes_after_a_killed_worker(tmp_path, ddp2_reference):
+    out = tmp_path / "run"
+    tag = f"restart-{os.getpid()}"
+    p = poa("train", "--nproc", "2", "--max-restarts", "1", "--config", "configs/demo_cpu.yaml", *RESTART_RUN,
+            f"train.output_dir={out}", env={**CLEAN_ENV, "POA_TEST_TAG": tag})
+    wait_logged(out, 9, p)
+    os.kill(_worker(tag, 1), signal.SIGKILL)  # as the OOM killer would
+    code, text = finish(p)
+    assert code == 0, text
+    assert "torchrun restart 1: resuming from the newest checkpoint" in text
+    resumed = int(re.search(r"resumed from .* at step (\d+) ", text).group(1))
+    assert 8 <= resumed < RESTART_STEPS and resumed % 4 == 0
+    assert_same_reference_run(ddp2_reference, out, RESTART_STEPS)
+
+
+def test_a_rank_stuck_outside_a_collective_ends_the_others_after_dist_timeout_s(tmp_path):
+    out = tmp_path / "run"
+    tag = f"hang-{os.getpid()}"
+    log = tmp_path / "out.txt"
+    with open(log, "w") as f:
+        p = poa(*train_args(out, "optim.epochs=200", "train.checkpoint_every=1000", "dist.timeout_s=5", nproc=2),
+                env={**CLEAN_ENV, "POA_TEST_TAG": tag}, stdout=f, start_new_session=True)
+        try:
+            wait_logged(out, 3, p)
+            stuck = _worker(tag, 1)
+            os.kill(stuck, signal.SIGSTOP)  # a rank that stops making progress (a hung GPU, a deadlock)
+            t0 = time.monotonic()
+            message = "a collective did not complete within dist.timeout_s"
+            while message not in log.read_text() and time.monotonic() - t0 < 60:
+                time.sleep(0.05)
+            waited = time.monotonic() - t0
+            os.kill(stuck, signal.SIGCONT)  # let it take torchrun's SIGTERM, so the launcher ends promptly
+            code = p.wait(timeout=120)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert message in text, text[-3000:]
+    assert 4 <= waited < 5 + 15, waited  # the timeout, not something else, ended the wait
+    assert code == 1 and "Traceback" not in text, text[-3000:]
+    assert re.search(r"poa train: error: rank \d \(pid \d+\) (exited with code|was killed)", text), text[-2000:]
+
+
+# ------------------------------------------------------------------ master port
+
+def test_two_slurm_jobs_whose_ids_differ_by_20000_get_their_own_master_port(tmp_path):
+    """The port used to be 20000 + job id % 20000: the stores of jobs 7 and 20007 on one node collided.
+
+    Each job here is one srun task (the environment srun gives it) with a process group of its own;
+    both run at the same time.  (A 2-task job's rank 1 finding the port is covered by every Slurm test.)
+    """
+    procs = []
+    for job in ("7", "20007"):
+        env = {**CLEAN_ENV, "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+               "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "localhost",
+               "SLURM_NODELIST": "localhost"}
+        procs.append((job, poa(*train_args(tmp_path / job, "dist.engine=ddp", "train.max_steps=3",
+                                           "dist.timeout_s=60"), env=env)))
+    ports = {}
+    for job, p in procs:
+        code, out = finish(p, timeout=300)
+        assert code == 0, f"job {job}:\n{out[-3000:]}"
+        m = re.search(r"process group: 1 ranks, master localhost:(\d+) \((\d+)\.0\.r0\)", out)
+        assert m and m.group(2) == job, out[-2000:]
+        ports[job] = int(m.group(1))
+    assert ports["7"] != ports["20007"]
+    for job in ports:
+        assert load_checkpoint(tmp_path / job)["step"] == 3
+        assert not list((tmp_path / job / "status").glob("rendezvous_*"))  # removed once everyone joined

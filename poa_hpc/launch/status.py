@@ -4,7 +4,8 @@ Exit codes of ``poa`` (and of a training task):
 
 ====  ==================================================================
 0     finished
-1     crashed (an unexpected error; also a collective that lost a rank)
+1     crashed (an unexpected error; also a collective that timed out or
+      lost a rank, and a torchrun worker that crashed or was killed)
 2     bad input: config, paths, a checkpoint of another configuration
 3     the loss became NaN/inf (the last good checkpoint is untouched)
 4     a checkpoint or the run folder could not be written (disk full,
@@ -73,6 +74,12 @@ def classify_error(exc: BaseException) -> Optional[Tuple[int, str]]:
     collective = collective_failure(exc)
     if collective:
         return EXIT_CRASH, collective
+    try:
+        from poa_hpc.cli import WorkerFailure
+    except ImportError:  # pragma: no cover
+        WorkerFailure = ()  # type: ignore
+    if isinstance(exc, WorkerFailure):
+        return EXIT_CRASH, str(exc)
     return None
 
 

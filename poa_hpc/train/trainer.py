@@ -123,7 +123,7 @@ class MetricsLog:
 
 
 def check_train_keys(cfg: POAConfig) -> None:
-    """The checkpoint-history keys (validated here, next to their use)."""
+    """The checkpoint-history and timeout keys (validated here, next to their use)."""
     t = cfg.train
     if t.checkpoint_every < 1:
         raise ConfigError(f"key 'train.checkpoint_every': {t.checkpoint_every} must be >= 1")
@@ -131,6 +131,8 @@ def check_train_keys(cfg: POAConfig) -> None:
         raise ConfigError(f"key 'train.keep_checkpoints': {t.keep_checkpoints} must be >= 1 (the newest is resumed from)")
     if t.keep_every < 0:
         raise ConfigError(f"key 'train.keep_every': {t.keep_every} must be >= 0 (0: off)")
+    if not cfg.dist.timeout_s > 0:
+        raise ConfigError(f"key 'dist.timeout_s': {cfg.dist.timeout_s} must be > 0 seconds")
 
 
 def resume_newest(engine, ckpt_dir: Path, cfg: POAConfig, ctx) -> Optional[dict]:
@@ -186,7 +188,7 @@ def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = No
     the summary's ``interrupted`` is then the signal's name (else ``None``).
     """
     check_train_keys(cfg)
-    ctx = init_distributed(cfg.train.device)
+    ctx = init_distributed(cfg.train.device, cfg.dist.timeout_s, Path(cfg.train.output_dir) / "status")
     try:
         summary = _train(cfg, resume, ctx, stop)
     except BaseException:
@@ -255,6 +257,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     skipped_at_epoch_start = 0
     interrupted: Optional[str] = None
     it = iter(loader)
+    if stop is not None:
+        stop.arm()  # from here on a SIGTERM checkpoints the finished step (see train/stop.py)
     t_last = time.perf_counter()
     try:
         for step in range(start_step, end):
