@@ -1,7 +1,7 @@
 """The ``poa`` command.
 
     poa train   --config CFG [--resume] [--nproc N [--max-restarts R]] [key=value ...]
-    poa submit  --config CFG --nodes N --gpus-per-node G --partition P --time T [key=value ...]
+    poa submit  --config CFG --nodes N --gpus-per-node G --partition P --time T [--max-restarts R] [key=value ...]
     poa extract CKPT [--step S] (--width W --depth D | --subnet WxD ... | --all) -o OUT
     poa eval knn SUBNET.safetensors ... [--config CFG] [key=value ...]
     poa eval knn RUN_DIR --step S --subnet WxD ...
@@ -11,8 +11,8 @@
 Exit codes (poa_hpc.launch.status): errors in the user's input (config keys,
 paths, sub-network sizes) end with a one-line message and exit code 2; a
 diverged run with 3; a checkpoint or run folder that cannot be written (disk
-full, read-only) with 4; a collective that timed out or lost a rank, or a
-torchrun worker that crashed, with a one-line message and 1.
+full, read-only) with 4; a Slurm job that gave up restarting with 5; a
+collective that timed out or lost a rank with a one-line message and 1.
 """
 
 from __future__ import annotations

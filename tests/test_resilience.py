@@ -324,3 +324,33 @@ def test_two_slurm_jobs_whose_ids_differ_by_20000_get_their_own_master_port(tmp_
     for job in ports:
         assert load_checkpoint(tmp_path / job)["step"] == 3
         assert not list((tmp_path / job / "status").glob("rendezvous_*"))  # removed once everyone joined
+
+
+# ------------------------------------------------------------------ the batch script's restart decisions
+
+def test_restart_decisions_of_the_batch_script(tmp_path, monkeypatch, capsys):
+    """What `python -m poa_hpc.launch.restarts end` makes of a step's end (the Slurm tests run the real
+    requeues; here the decisions that need no cluster)."""
+    from poa_hpc.launch import restarts
+    from poa_hpc.launch.status import RankReport
+
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    args = ["--run-dir", str(tmp_path), "--log", str(tmp_path / "%j_%t.log"), "--max-restarts", "0"]
+
+    def step(code, *states):
+        assert restarts.main(["start", *args]) == 0
+        for rank, (state, rc) in enumerate(states):
+            RankReport(tmp_path, rank, "41").write(state, rc, f"rank {rank} said so")
+        return restarts.main(["end", "--exit-code", str(code), *args])
+
+    assert step(3, ("failed", 3), ("failed", 3)) == 3  # a NaN loss: a restart would diverge at the same step
+    assert step(143, ("stopped", 143), ("stopped", 143)) == 143  # a stop on a signal: Slurm or rank 0 requeue
+    assert step(134, ("completed", 0), ("completed", 0)) == 0  # all finished: teardown noise is not a failure
+    assert step(137, ("failed", 1), ("running", None)) == 5  # a crash without progress, at --max-restarts 0
+    err = capsys.readouterr().err
+    assert "not restarting job 41: non-finite loss (exit code 3)" in err
+    assert re.search(r"gave up: 1 failed run\(s\) without a newer checkpoint \(--max-restarts 0; newest checkpoint: "
+                     r"none\)\. Last error: rank 1 \(pid \d+ on \S+\) ended without a report .*Log: \S+/41_1\.log", err)
+    state = json.loads((tmp_path / "status" / "restarts.json").read_text())
+    assert [r["outcome"] for r in state["runs"]] == ["fatal", "stopped", "completed", "gave_up"]

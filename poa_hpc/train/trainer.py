@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -122,6 +122,9 @@ class MetricsLog:
             self.tb.close()
 
 
+OnStop = Callable[[int, str, int], None]
+
+
 def check_train_keys(cfg: POAConfig) -> None:
     """The checkpoint-history and timeout keys (validated here, next to their use)."""
     t = cfg.train
@@ -180,17 +183,21 @@ def resume_newest(engine, ckpt_dir: Path, cfg: POAConfig, ctx) -> Optional[dict]
     raise ResumeError(f"no readable checkpoint in '{ckpt_dir}': " + "; ".join(p for _, p in skipped))
 
 
-def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = None) -> Dict[str, object]:
+def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = None,
+          on_stop: Optional[OnStop] = None) -> Dict[str, object]:
     """Train POA in this process (one rank of a torchrun/Slurm job, or alone); returns a summary.
 
     With ``stop`` (see :mod:`poa_hpc.train.stop`), a stop signal received by any
     rank ends the run after the current step with a checkpoint of that step;
     the summary's ``interrupted`` is then the signal's name (else ``None``).
+    ``on_stop(step, signal_name, rank)`` then runs on every rank after the
+    checkpoint and before the ranks leave together (rank 0 requeues there, so no
+    rank exits before the requeue is done).
     """
     check_train_keys(cfg)
     ctx = init_distributed(cfg.train.device, cfg.dist.timeout_s, Path(cfg.train.output_dir) / "status")
     try:
-        summary = _train(cfg, resume, ctx, stop)
+        summary = _train(cfg, resume, ctx, stop, on_stop)
     except BaseException:
         if ctx.distributed:  # no barrier: the other ranks may be gone
             torch.distributed.destroy_process_group()
@@ -200,7 +207,8 @@ def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = No
     return summary
 
 
-def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None) -> Dict[str, object]:
+def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None,
+           on_stop: Optional[OnStop] = None) -> Dict[str, object]:
     device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -312,6 +320,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                 engine.save(ckpt_dir, step + 1, meta, **keep)
                 end = step + 1
                 log.warning("stopped by %s after step %d; checkpoint saved in %s", interrupted, step, ckpt_dir)
+                if on_stop is not None:
+                    on_stop(end, interrupted, rank)
                 break
             done = step + 1
             if (done % cfg.train.checkpoint_every == 0 or done == end
