@@ -336,21 +336,27 @@ def test_restart_decisions_of_the_batch_script(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("SLURM_JOB_ID", "41")
     monkeypatch.setenv("SLURM_NTASKS", "2")
-    args = ["--run-dir", str(tmp_path), "--log", str(tmp_path / "%j_%t.log"), "--max-restarts", "0"]
+    (tmp_path / "empty.conf").write_text("")
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "empty.conf"))  # no cluster: scontrol requeue fails at once
+    args = ["--run-dir", str(tmp_path), "--log", str(tmp_path / "%j_%t.log")]
 
-    def step(code, *states):
-        assert restarts.main(["start", *args]) == 0
+    def step(code, *states, max_restarts=1):
+        assert restarts.main(["start", *args, "--max-restarts", str(max_restarts)]) == 0
         for rank, (state, rc) in enumerate(states):
             RankReport(tmp_path, rank, "41").write(state, rc, f"rank {rank} said so")
-        return restarts.main(["end", "--exit-code", str(code), *args])
+        return restarts.main(["end", "--exit-code", str(code), *args, "--max-restarts", str(max_restarts)])
 
+    killed = (("failed", 1), ("running", None))  # rank 1 killed, rank 0 lost it
     assert step(3, ("failed", 3), ("failed", 3)) == 3  # a NaN loss: a restart would diverge at the same step
     assert step(143, ("stopped", 143), ("stopped", 143)) == 143  # a stop on a signal: Slurm or rank 0 requeue
     assert step(134, ("completed", 0), ("completed", 0)) == 0  # all finished: teardown noise is not a failure
-    assert step(137, ("failed", 1), ("running", None)) == 5  # a crash without progress, at --max-restarts 0
+    assert step(137, *killed, max_restarts=0) == 137  # restarts off
+    assert step(137, *killed) == 137  # 1st run without progress: requeue attempted (no cluster here)
+    assert step(137, *killed) == 5  # 2nd: past --max-restarts 1
     err = capsys.readouterr().err
     assert "not restarting job 41: non-finite loss (exit code 3)" in err
-    assert re.search(r"gave up: 1 failed run\(s\) without a newer checkpoint \(--max-restarts 0; newest checkpoint: "
+    assert "Not restarting (--max-restarts 0)" in err and "could not requeue itself" in err
+    assert re.search(r"gave up: 2 failed run\(s\) without a newer checkpoint \(--max-restarts 1; newest checkpoint: "
                      r"none\)\. Last error: rank 1 \(pid \d+ on \S+\) ended without a report .*Log: \S+/41_1\.log", err)
     state = json.loads((tmp_path / "status" / "restarts.json").read_text())
-    assert [r["outcome"] for r in state["runs"]] == ["fatal", "stopped", "completed", "gave_up"]
+    assert [r["outcome"] for r in state["runs"]] == ["fatal", "stopped", "completed", "failed", "failed", "gave_up"]

@@ -193,6 +193,10 @@ def end(run_dir: Path, code: int, max_restarts: int, log_pattern: Optional[str])
     srun_tasks = _srun_task_lines(batch_log, _start_marker(jid, int(run.get("restart", 0)))) if one_task_per_rank else []
     error, blame = _failure(code, reports, srun_tasks)
     log = _job_log(jid, log_pattern, blame, batch_log)
+    if max_restarts == 0:
+        _say(f"run {run.get('restart', 0)} of job {jid} failed: {error}. Not restarting (--max-restarts 0). "
+             f"Log: {log}")
+        return finish("failed", code or 1, error=error, log=log)
     newest = newest_step(run_dir / "checkpoints")
     start_step = run.get("start_step")
     progress = newest is not None and (start_step is None or newest > start_step)
