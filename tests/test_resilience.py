@@ -360,3 +360,23 @@ def test_restart_decisions_of_the_batch_script(tmp_path, monkeypatch, capsys):
                      r"none\)\. Last error: rank 1 \(pid \d+ on \S+\) ended without a report .*Log: \S+/41_1\.log", err)
     state = json.loads((tmp_path / "status" / "restarts.json").read_text())
     assert [r["outcome"] for r in state["runs"]] == ["fatal", "stopped", "completed", "failed", "failed", "gave_up"]
+
+
+def test_the_rank_to_blame_for_a_failed_step():
+    """A rank that left no report (killed) before one that reported losing its peer, whatever order srun
+    saw them end in; an error of its own before a lost peer; srun's order among equals."""
+    from poa_hpc.launch.restarts import _failure
+
+    def r(rank, state, message=""):
+        return {"rank": rank, "state": state, "pid": 100 + rank, "host": "n1", "message": message}
+
+    lost = "lost the connection to another rank (it probably died; see its log): Connection reset by peer"
+    exited, killed = "Exited with exit code 1", "Killed"
+    text, blame = _failure(137, [r(0, "failed", lost), r(1, "running")], [(0, exited), (1, killed)])
+    assert blame == 1 and text.startswith("rank 1 (pid 101 on n1) ended without a report (srun: 'Killed';")
+    text, blame = _failure(137, [r(0, "running"), r(1, "running")], [(1, killed), (0, killed)])
+    assert blame == 1 and "rank 0 ended by srun after it" in text
+    assert _failure(137, [r(0, "running"), r(1, "running")], [])[1] is None  # no srun lines: no guess
+    text, blame = _failure(1, [r(0, "failed", lost), r(1, "failed", "RuntimeError: CUDA error")],
+                           [(0, exited), (1, exited)])
+    assert blame == 1 and text.startswith("rank 1 on n1: RuntimeError: CUDA error")

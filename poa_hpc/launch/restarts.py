@@ -98,17 +98,38 @@ def _srun_task_lines(log: Optional[str], marker: str) -> List[tuple]:
     return [(int(t), what.strip()) for t, what in _SRUN_TASK.findall(text[at:] if at >= 0 else "")]
 
 
+def _is_consequence(report: dict) -> bool:
+    """A rank that failed because another one died or hung (its collective lost the peer or timed out)."""
+    message = report.get("message") or ""
+    return message.startswith(("lost the connection to another rank", "a collective did not complete"))
+
+
 def _failure(code: int, reports: List[dict], srun_tasks: List[tuple]) -> tuple:
-    """(one-line description of what failed, the rank whose log to name, or None for the job's log)."""
+    """(one-line description of what failed, the rank whose log to name, or None for the job's log).
+
+    The rank to blame: one that ended without a report (killed: out of memory, a fault) before one
+    that reported an error, and one with an error of its own before one that only lost its peer;
+    among several, the one srun saw end first (with one task per rank, srun's task = the rank)."""
     silent = [r for r in reports if r.get("state") == "running"]  # ended without a word: killed or lost
     failed = [r for r in reports if r.get("state") == "failed"]
-    by_rank = {r["rank"]: r for r in silent + failed}
-    # srun saw this task end first; with one task per rank (srun launches), task = rank.
-    first = next((t for t, _ in srun_tasks if t in by_rank), None) if srun_tasks else None
-    culprit = by_rank.get(first) if first is not None else (silent[0] if len(silent) == 1 else None)
+    seen = {}
+    for i, (task, what) in enumerate(srun_tasks):
+        seen.setdefault(task, (i, what))
+
+    def first(candidates: List[dict]) -> Optional[dict]:
+        known = [r for r in candidates if r["rank"] in seen]
+        if known:
+            return min(known, key=lambda r: seen[r["rank"]][0])
+        return candidates[0] if len(candidates) == 1 else None
+
+    if silent:
+        culprit = first(silent)
+    else:
+        own = [r for r in failed if not _is_consequence(r)]
+        culprit = first(own or failed) or (own or failed or [None])[0]
     parts = []
     if culprit is not None and culprit in silent:
-        how = next((w for t, w in srun_tasks if t == culprit["rank"]), None)
+        how = seen.get(culprit["rank"], (0, None))[1]
         parts.append(f"rank {culprit['rank']} (pid {culprit['pid']} on {culprit['host']}) ended without a report ("
                      + (f"srun: '{how}'; " if how else "")
                      + "killed by a signal, e.g. out of memory, or its node failed)")
@@ -120,13 +141,11 @@ def _failure(code: int, reports: List[dict], srun_tasks: List[tuple]) -> tuple:
         ranks = ", ".join(str(r["rank"]) for r in silent[:8]) + (", ..." if len(silent) > 8 else "")
         parts.append(f"ranks {ranks} ended without a report (one was killed by a signal, e.g. out of memory, or "
                      f"its node failed, and srun ended the others)")
-    ordered = sorted(failed, key=lambda r: r is not culprit)
-    for r in ordered[:2]:
+    for r in sorted(failed, key=lambda r: r is not culprit)[:2]:
         parts.append(f"rank {r['rank']} on {r['host']}: {r.get('message') or _signal_text(r.get('code') or 1)}")
     if not parts:
         parts.append("the training step ended before any rank reported")
-    blame = culprit if culprit is not None else (failed or [None])[0]
-    return "; ".join(parts) + f" (srun {_signal_text(code)})", (blame["rank"] if blame else None)
+    return "; ".join(parts) + f" (srun {_signal_text(code)})", (culprit["rank"] if culprit else None)
 
 
 def _job_log(jid: str, pattern: Optional[str], rank: Optional[int], batch_log: Optional[str]) -> str:
