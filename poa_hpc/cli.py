@@ -1,10 +1,11 @@
 """The ``poa`` command.
 
-    poa train   --config CFG [--resume] [--nproc N] [key=value ...]
-    poa submit  --config CFG --nodes N --gpus-per-node G --partition P --time T [key=value ...]
-    poa extract CKPT (--width W --depth D | --subnet WxD|NAME ... | --all) -o OUT
-    poa export  CKPT_OR_SUBNET [--format timm|safetensors] [--subnet WxD|NAME ... | --all] [--img-size S] -o DIR
+    poa train   --config CFG [--resume] [--nproc N [--max-restarts R]] [key=value ...]
+    poa submit  --config CFG --nodes N --gpus-per-node G --partition P --time T [--max-restarts R] [key=value ...]
+    poa extract CKPT [--step S] (--width W --depth D | --subnet WxD|NAME ... | --all) -o OUT
+    poa export  CKPT_OR_SUBNET [--step S] [--format timm|safetensors] [--subnet WxD|NAME ... | --all] [--img-size S] -o DIR
     poa eval knn SUBNET.safetensors ... [--config CFG] [key=value ...]
+    poa eval knn RUN_DIR --step S --subnet WxD ...
     poa eval sweep RUN_OR_CHECKPOINT [--subnets all|S,B,L|384x12,...] [--out DIR] [key=value ...]
     poa eval linear SUBNET.safetensors ... [--config CFG] [key=value ...]
     poa subnets --config CFG
@@ -12,14 +13,18 @@
     poa estimate flops|memory|comm --config CFG [options] [key=value ...]
     poa profile --config CFG [--steps N] [key=value ...]
 
-Errors in the user's input (config keys, paths, sub-network sizes) end with a
-one-line message and exit code 2; a diverged run ends with exit code 3.
+Exit codes (poa_hpc.launch.status): errors in the user's input (config keys,
+paths, sub-network sizes) end with a one-line message and exit code 2; a
+diverged run with 3; a checkpoint or run folder that cannot be written (disk
+full, read-only) with 4; a Slurm job that gave up restarting with 5; a
+collective that timed out or lost a rank with a one-line message and 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from importlib import resources
@@ -35,6 +40,10 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+class WorkerFailure(RuntimeError):
+    """A torchrun worker crashed or was killed (its own error is in the output): one line, exit code 1."""
+
+
 def packaged_config(name: str) -> Path:
     """Path of a YAML shipped in ``configs/`` (installed as ``poa_hpc.configs``)."""
     p = resources.files("poa_hpc.configs") / name
@@ -44,23 +53,60 @@ def packaged_config(name: str) -> Path:
 
 
 # ------------------------------------------------------------------ train
+def _torchrun(argv: List[str], max_restarts: int) -> int:
+    """torchrun's agent, in this process: the exit code is the workers' (2/3/4 for their known errors,
+    128+N when they stopped on a signal), and a worker failure is one line here rather than
+    torchrun's ChildFailedError traceback (each worker prints its own error above it)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from poa_hpc.launch.status import FATAL_EXIT_CODES
+
+    try:
+        run(parse_args(argv))
+        return 0
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        root, first = exc.get_first_failure()
+        codes = [f.exitcode for f in exc.failures.values()]
+        fatal = [c for c in [first.exitcode, *codes] if c in FATAL_EXIT_CODES]
+        if fatal:
+            return fatal[0]
+        if all(c > 128 for c in codes):  # every worker stopped on a signal (with a checkpoint)
+            return codes[0]
+        how = (f"was killed by {signal.Signals(-first.exitcode).name}" if first.exitcode < 0
+               else f"exited with code {first.exitcode}")
+        after = f" after {max_restarts} restart(s) (--max-restarts)" if max_restarts else ""
+        raise WorkerFailure(f"rank {root} (pid {first.pid}) {how}; torchrun ended the run{after}. Its error "
+                            f"is in the output above; continue with --resume") from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import os
-    import subprocess
 
     from poa_hpc.distributed.env import slurm_launch_env
     from poa_hpc.launch.run import run_training
 
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before any launch
     launched = "RANK" in os.environ or slurm_launch_env() is not None  # torchrun, or a task of an srun step
+    if args.max_restarts < 0:
+        raise UsageError("--max-restarts must be >= 0")
     if (args.nproc > 1 or cfg.dist.engine != "none") and not launched:
         if cfg.dist.engine == "none":
             raise UsageError("--nproc > 1 needs a distributed engine: add dist.engine=fsdp (or deepspeed, ddp)")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "poa_hpc", "train", "--config", args.config, *(["--resume"] if args.resume else []),
-               *args.overrides]
-        return subprocess.call(cmd)
-    summary, code = run_training(cfg, resume=args.resume)
+        # torchrun restarts all workers (up to --max-restarts times) when one fails; restarted workers resume.
+        return _torchrun(["--standalone", f"--nproc_per_node={args.nproc}", f"--max-restarts={args.max_restarts}",
+                          "-m", "poa_hpc", "train", "--config", args.config, *(["--resume"] if args.resume else []),
+                          *args.overrides], args.max_restarts)
+    if args.max_restarts and not launched:
+        raise UsageError("--max-restarts restarts torchrun's workers: use it with --nproc N (or a distributed engine)")
+    # A worker torchrun restarted after a failure continues from the newest checkpoint.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if restarted and not args.resume:
+        log.warning("torchrun restart %s: resuming from the newest checkpoint", os.environ["TORCHELASTIC_RESTART_COUNT"])
+    summary, code = run_training(cfg, resume=args.resume or restarted)
     if summary["rank"] == 0:
         if summary.get("interrupted"):
             print(f"stopped by {summary['interrupted']} at step {summary['step']}; checkpoint: "
@@ -71,12 +117,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ extract
-def _load_teacher(ckpt_path: str, which: str):
+def _load_teacher(ckpt_path: str, which: str, step: Optional[int] = None):
     from poa_hpc.train.checkpoint import load_checkpoint
     from poa_hpc.train.meta_arch import build_branch
 
     try:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, step=step)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     cfg = from_dict(ckpt["config"])
@@ -130,14 +176,15 @@ def extract_to(cfg: POAConfig, backbone, subs, out: Path, single_file: bool, ste
 def cmd_extract(args: argparse.Namespace) -> int:
     from poa_hpc.models.registry import get_backbone
 
-    cfg, backbone, step = _load_teacher(args.checkpoint, args.branch)
+    cfg, backbone, step = _load_teacher(args.checkpoint, args.branch, args.step)
     spec = get_backbone(cfg.model.arch)
     subs = _subnets_from_args(args, spec.space(cfg.model.section), spec.named_sizes(cfg.model.section))
     out = Path(args.output)
     single = len(subs) == 1 and out.suffix == ".safetensors"
     if not single and out.suffix == ".safetensors":
         raise UsageError(f"-o {out}: several sub-networks need an output folder, not a .safetensors file")
-    paths = extract_to(cfg, backbone, subs, out, single, step, f"{args.checkpoint}:{args.branch}")
+    source = f"{args.checkpoint}:{args.branch}" + (f"@step{args.step}" if args.step is not None else "")
+    paths = extract_to(cfg, backbone, subs, out, single, step, source)
     for p in paths:
         print(p)
     return 0
@@ -186,20 +233,56 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ eval
+def _subnets_of_checkpoints(args: argparse.Namespace, tmp: Path) -> List[str]:
+    """``poa eval knn`` inputs: .safetensors files as given; a run folder or training checkpoint
+    (at ``--step``, default the newest) extracted to ``tmp`` first (``--subnet``, default smallest and intact)."""
+    from poa_hpc.models.registry import get_backbone
+    from poa_hpc.models.subnets import Subnet
+
+    files = []
+    for i, src in enumerate(args.subnets):
+        if str(src).endswith(".safetensors"):
+            if args.step is not None:
+                raise UsageError(f"--step selects a checkpoint of a run folder; '{src}' is an extracted sub-network")
+            files.append(str(src))
+            continue
+        cfg, backbone, step = _load_teacher(src, "teacher", args.step)
+        spec = get_backbone(cfg.model.arch)
+        space, named = spec.space(cfg.model.section), spec.named_sizes(cfg.model.section)
+        subs = [named[x] if x in named else Subnet.parse(x) for x in args.subnet] if args.subnet else [
+            min(space.all()), space.intact]
+        for sub in subs:
+            try:
+                space.check(sub)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        out = tmp / f"{i}_step{step}"
+        files += [str(p) for p in extract_to(cfg, backbone, subs, out, False, step, f"{src}@step{step}")]
+    return files
+
+
 def cmd_eval_knn(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="poa-eval-") as tmp:
+        return _eval_knn(args, _subnets_of_checkpoints(args, Path(tmp)))
+
+
+def _eval_knn(args: argparse.Namespace, subnet_files: List[str]) -> int:
     import torch
 
     from poa_hpc.eval.evaluate import format_table, knn_evaluate
     from poa_hpc.models.extract import load_subnet
 
     models, meta0 = [], None
-    for path in args.subnets:
+    for path in subnet_files:
         try:
             model, meta = load_subnet(path)
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from None
         meta0 = meta0 or meta
-        models.append((Path(path).stem, model))
+        stem = Path(path).stem
+        models.append((f"{stem}@step{meta['step']}" if args.step is not None and "step" in meta else stem, model))
     # Defaults: the training config recorded in the file at extraction (its data and eval sections).
     cfg = load_config(args.config, args.overrides, base=meta0.get("config"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -454,11 +537,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/checkpoints")
     t.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (launches torchrun; needs dist.engine=fsdp, deepspeed or ddp)")
+    t.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc: torchrun restarts all workers this many times when one fails (a crash, a "
+                        "killed process, a collective past dist.timeout_s); they resume from the newest checkpoint")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("extract", help="write dense sub-networks from a checkpoint's teacher")
     e.add_argument("checkpoint", help="training checkpoint (file, or run folder with checkpoints/last.pt)")
+    e.add_argument("--step", type=int, default=None,
+                   help="a kept checkpoint of a run folder (checkpoints/step_XXXXXXXX.pt) instead of the newest")
     e.add_argument("--width", type=int)
     e.add_argument("--depth", type=int)
     e.add_argument("--subnet", action="append",
@@ -484,7 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate extracted sub-networks")
     evs = ev.add_subparsers(dest="eval_command", required=True)
     k = evs.add_parser("knn", help="weighted k-NN on frozen [CLS] features")
-    k.add_argument("subnets", nargs="+", help="sub-network .safetensors files written by `poa extract`")
+    k.add_argument("subnets", nargs="+", help="sub-network .safetensors files written by `poa extract`, or run "
+                                                "folders / training checkpoints to extract them from")
+    k.add_argument("--step", type=int, default=None, help="for a run folder: the kept checkpoint of this step")
+    k.add_argument("--subnet", action="append", help="for a run folder: WIDTHxDEPTH, repeatable (default: the "
+                                                     "smallest and the intact one)")
     k.add_argument("--config", help="config whose data/eval sections to use (default: recorded in the file)")
     k.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.root=/imagenet")
     k.set_defaults(func=cmd_eval_knn)
@@ -576,20 +668,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
-    from poa_hpc.launch.submit import SubmitError
-    from poa_hpc.train.trainer import NonFiniteLossError, ResumeError
+    from poa_hpc.launch.status import classify_error, exit_rank
 
     try:
         return args.func(args)
-    except (ConfigError, UsageError, ResumeError, SubmitError) as exc:
-        print(f"poa {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"poa {args.command}: error: {exc}", file=sys.stderr)
-        return 3
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        print(f"poa {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"poa {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -598,6 +680,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        known = classify_error(exc)  # exit codes: see the module doc
+        if known is None:
+            raise  # a bug: the traceback is the report
+        code, message = known
+        import os
+
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"poa {args.command}: error{where}: {message}", file=sys.stderr)
+        return exit_rank(code)
 
 
 if __name__ == "__main__":

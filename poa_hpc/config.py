@@ -129,6 +129,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | none
     checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # checkpoints kept (newest by step); a resume falls back to an older readable one
+    keep_every: int = 0  # > 0: also checkpoint every N steps and keep those for good (evaluation along the run)
     log_every: int = 10
     max_steps: int = 0  # 0: epochs * iters_per_epoch; otherwise stop early at this step
     tensorboard: bool = False
@@ -152,6 +154,9 @@ class DistConfig:
     compile: bool = False  # fsdp: torch.compile each block
     reshard_after_forward: bool = True  # fsdp: free gathered block params after forward (ZeRO-3 like)
     zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    # Seconds a collective may wait for the other ranks before this rank fails (a dead or stuck
+    # rank then ends the job instead of holding the allocation idle); NCCL's async error handling is on.
+    timeout_s: int = 600
     # deepspeed: extra DeepSpeed config merged over the one derived from this file
     # (batch, clipping and the optimizer always come from optim.*), e.g.
     # {zero_optimization: {stage3_prefetch_bucket_size: 5e7}}

@@ -21,5 +21,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# The session-wide local Slurm cluster fixture (tests/slurm_cluster.py).
-pytest_plugins = ["slurm_cluster"]
+# The session-wide local Slurm cluster fixture (tests/slurm_cluster.py) and the uninterrupted
+# 2-rank run that killed-and-restarted runs are compared with (tests/reference_runs.py).
+pytest_plugins = ["slurm_cluster", "reference_runs"]

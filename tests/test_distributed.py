@@ -50,13 +50,18 @@ def test_fsdp_per_rank_subnetworks_match_replicated(tmp_path):
 
 
 def test_fsdp_sharded_checkpoint_resumes_on_another_world_size(single, tmp_path):
-    """2 ranks to step 4 (sharded DCP checkpoint), then 1 rank with the same global batch to the end."""
+    """2 ranks to step 4 (sharded DCP checkpoints of steps 2 and 4), then 1 rank with the same global
+    batch to the end; the newest sharded checkpoint has a torn shard file, so the resume falls back to step 2."""
     ref_dir, ref = single
     out = tmp_path / "run"
+    ckpts = out / "checkpoints"
     train(out, 2, "fsdp", "model.rank_sampling=shared", "train.max_steps=4", "train.checkpoint_every=2")
-    assert (out / "checkpoints" / "last_dcp" / "meta.json").is_file()
-    assert json.loads((out / "checkpoints" / "last_dcp" / "meta.json").read_text())["step"] == 4
+    assert json.loads((ckpts / "step_00000004_dcp" / "meta.json").read_text())["step"] == 4
+    assert json.loads((ckpts / "step_00000002_dcp" / "meta.json").read_text())["step"] == 2
+    shard = max((ckpts / "step_00000004_dcp").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     got = train(out, 1, "fsdp", "model.rank_sampling=shared", resume=True)
+    assert (ckpts / "step_00000004.pt.unreadable").is_file()  # set aside; steps 2-3 were trained again
     assert_same_run(ref, got)
     assert_same_weights(ref_dir, out)
 
@@ -95,6 +100,8 @@ def test_deepspeed_resume_is_exact(single_ibot, tmp_path, stage):
     common = [f"dist.zero_stage={stage}", ZERO3_SMALL, "model.rank_sampling=shared", *IBOT_FROM_START]
     train(out, 2, "deepspeed", *common, "train.max_steps=4", "train.checkpoint_every=3")
     assert (out / "checkpoints" / "deepspeed" / "latest").read_text().strip() == "step00000004"
+    assert sorted(p.name for p in (out / "checkpoints" / "deepspeed").glob("step*")) == ["step00000003", "step00000004"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*.pt")) == ["step_00000003.pt", "step_00000004.pt"]
     got = train(out, 2, "deepspeed", *common, resume=True)
     assert_same_run(ref, got)
     assert_same_weights(ref_dir, out)

@@ -5,9 +5,11 @@ The trainer talks to one interface and knows nothing of POA's losses here:
 * ``setup(model, make_optimizer)`` wraps/shards the model's ``student`` and
   ``teacher`` branches and builds the optimizer over the student;
 * ``backward(loss)``, ``clip_and_step(max_norm)``, ``update_teacher(m)``;
-* ``save(ckpt_dir, step, meta)`` / ``load(ckpt_dir)`` — atomic, resumable;
-  every engine also leaves ``checkpoints/last.pt`` with the full model
-  weights, which is what ``poa extract`` reads.
+* ``save(ckpt_dir, step, meta, keep_last, keep_every)`` / ``verify(ckpt_dir, step)`` /
+  ``load(ckpt_dir, check, step)`` — a history of atomic, resumable checkpoints
+  (layout in :mod:`poa_hpc.train.checkpoint`); every engine's
+  ``checkpoints/step_XXXXXXXX.pt`` holds the full model weights (``last.pt``
+  points to the newest), which is what ``poa extract`` reads.
 
 Engines:
 
@@ -28,22 +30,49 @@ Engines:
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
+import re
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from poa_hpc.config import ConfigError, flatten
-from poa_hpc.distributed.env import DistContext, barrier
-from poa_hpc.train.checkpoint import LAST, atomic_save, load_checkpoint
+from poa_hpc.distributed.env import DistContext, barrier, gather_objects
+from poa_hpc.train.checkpoint import (LEGACY_STEP, OutputWriteError, atomic_save, committed_steps,
+                                      describe_write_error, last_step, point_last, remove_path, retained, step_file)
 from poa_hpc.train.optim import clip_grad_norm_tensor
 
 MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optimizer]
+log = logging.getLogger("poa_hpc.train")
+
+
+def _read_error(path: Path, exc: BaseException) -> str:
+    """``'path' could not be read (Type: first sentence of the message; N bytes)``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.split(". ")[0].rstrip(".")
+    try:
+        size = f"; {path.stat().st_size} bytes"
+    except OSError:
+        size = ""
+    return f"'{path}' could not be read ({type(exc).__name__}: {text}{size})"
+
+
+def _check_step_file(path: Path) -> Optional[str]:
+    """Cheap readability check of a committed step file: its zip index and pickles (tensors memory-mapped)."""
+    if not path.is_file():
+        return f"'{path}' is missing"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:
+        return _read_error(path, exc)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+        return f"'{path}' is not a poa_hpc training checkpoint"
+    return None
 
 
 class Engine:
@@ -87,25 +116,153 @@ class Engine:
     def full_model_state(self) -> dict:
         return self.model.state_dict()
 
-    def save(self, ckpt_dir: Path, step: int, meta: dict) -> Path:
-        """Full checkpoint (model, optimizer, meta) written by rank 0, atomically."""
-        path = Path(ckpt_dir) / LAST
-        if self.ctx.is_main:
-            atomic_save({"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         **meta}, path)
+    # A step's checkpoint: the engine's resume state of that step (``_save_state``: nothing more for
+    # none/ddp, a DCP folder for fsdp, a DeepSpeed tag), then the step file written by rank 0 last,
+    # which commits the step; then ``last.pt`` moves to it and older steps are pruned.
+
+    def _step_payload(self, step: int, meta: dict) -> Optional[dict]:
+        """The step file's content (on rank 0; collective for engines that gather the full state)."""
+        if not self.ctx.is_main:
+            return None
+        return {"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **meta}
+
+    def _save_state(self, ckpt_dir: Path, step: int, meta: dict) -> None:
+        """Write this step's resume state beyond the step file (sharded engines, every rank)."""
+
+    def _state_paths(self, ckpt_dir: Path, step: int) -> List[Path]:
+        """Where this engine keeps the resume state of ``step`` beyond the step file."""
+        return []
+
+    def _states_on_disk(self, ckpt_dir: Path) -> List[Tuple[Optional[int], Path]]:
+        """(step, path) of every resume state folder present; step ``None`` for a legacy layout's."""
+        return []
+
+    def _write_phase(self, ckpt_dir: Path, step: int, fn: Optional[Callable[[], object]]) -> None:
+        """Run one write phase of a save (``fn`` on the ranks that have one) and agree on its outcome:
+        if it failed on any rank, every rank raises :class:`OutputWriteError`, naming folder and cause."""
+        err = None
+        if fn is not None:
+            try:
+                fn()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: B036 - DCP's CheckpointException is a BaseException
+                err = describe_write_error(exc)
+        errors = gather_objects(err)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, cause = failed[0]
+            kept = [s for s in committed_steps(ckpt_dir) if s != step]
+            raise OutputWriteError(
+                f"the checkpoint of step {step} could not be written to '{ckpt_dir}': {cause}"
+                + (f" (on rank {rank})" if len(errors) > 1 else "")
+                + (f"; the previous checkpoints are intact (newest: step {kept[0]})" if kept and kept[0] >= 0 else "")
+                + "; free space or fix the folder, then continue with --resume")
+
+    def save(self, ckpt_dir: Path, step: int, meta: dict, keep_last: int = 3, keep_every: int = 0) -> Path:
+        """Checkpoint ``step`` (collective): resume state, then the step file (rank 0, atomically),
+        then ``last.pt`` -> it, then pruning to the newest ``keep_last`` steps plus every
+        ``keep_every``-th.  A write failure on any rank raises :class:`OutputWriteError` on every
+        rank and leaves the committed checkpoints as they were."""
+        ckpt_dir = Path(ckpt_dir)
+        path = step_file(ckpt_dir, step)
+        main = self.ctx.is_main
+
+        def prepare() -> None:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # saving a step again (after a fallback): uncommit it before rewriting its state
+                path.unlink()
+
+        self._write_phase(ckpt_dir, step, prepare if main else None)
+        self._save_state(ckpt_dir, step, meta)
+        payload = self._step_payload(step, meta)
+
+        def commit() -> None:
+            atomic_save(payload, path)
+            self._committed(ckpt_dir, step)
+            point_last(ckpt_dir, step)
+
+        self._write_phase(ckpt_dir, step, commit if main else None)
+        del payload
+        if main:
+            try:
+                self.prune(ckpt_dir, keep_last, keep_every)
+            except OSError as exc:  # a checkpoint that could not be deleted costs space, not correctness
+                log.warning("pruning old checkpoints in %s failed: %s", ckpt_dir, describe_write_error(exc))
         barrier()
         return path
 
+    def _committed(self, ckpt_dir: Path, step: int) -> None:
+        """Hook run on rank 0 right after the step file is written (DeepSpeed moves its ``latest``)."""
+
+    def prune(self, ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> List[int]:
+        """Delete the committed steps :func:`retained` does not keep (step file first: uncommit, then
+        the state), leftovers of interrupted saves and the legacy layout's state; returns the deleted steps."""
+        ckpt_dir = Path(ckpt_dir)
+        steps = [s for s in committed_steps(ckpt_dir) if s != LEGACY_STEP]
+        if not steps:
+            return []
+        keep = retained(steps, keep_last, keep_every, protect=[last_step(ckpt_dir)])
+        dropped = [s for s in steps if s not in keep]
+        for s in dropped:
+            remove_path(step_file(ckpt_dir, s))
+            for p in self._state_paths(ckpt_dir, s):
+                remove_path(p)
+        for s, p in self._states_on_disk(ckpt_dir):
+            if s not in keep:  # not committed (an interrupted save), or a legacy layout's state
+                remove_path(p)
+        for p in ckpt_dir.glob("*.tmp"):
+            remove_path(p)
+        return dropped
+
+    def checkpoint_steps(self, ckpt_dir: Path) -> List[int]:
+        """Committed checkpoints, newest first (``[LEGACY_STEP]`` for a run folder of the old layout)."""
+        return committed_steps(ckpt_dir)
+
     def has_checkpoint(self, ckpt_dir: Path) -> bool:
-        return (Path(ckpt_dir) / LAST).is_file()
+        return bool(self.checkpoint_steps(ckpt_dir))
 
-    def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None) -> dict:
-        """Restore model and optimizer; ``check(meta)`` may refuse the checkpoint before anything is loaded.
+    def checkpoint_path(self, ckpt_dir: Path, step: int) -> Path:
+        """What to name in messages about the checkpoint of ``step``."""
+        return step_file(ckpt_dir, step)
 
-        Returns the checkpoint's meta (step, config, ...)."""
-        ckpt = load_checkpoint(Path(ckpt_dir) / LAST, map_location=self.ctx.device)
+    def verify(self, ckpt_dir: Path, step: int) -> Optional[str]:
+        """Why the checkpoint of ``step`` cannot be resumed from on this rank (``None``: it can).
+
+        Here the whole file is read (it is loaded next anyway and kept for :meth:`load`)."""
+        path = step_file(ckpt_dir, step)
+        self._verified = None
+        try:
+            ckpt = torch.load(path, map_location=self.ctx.device, weights_only=False)
+        except Exception as exc:
+            return _read_error(path, exc)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt or "step" not in ckpt:
+            return f"'{path}' is not a poa_hpc training checkpoint"
         if "optimizer" not in ckpt:
-            raise ValueError(f"'{Path(ckpt_dir) / LAST}' holds weights only (an export); it cannot be resumed from")
+            return f"'{path}' holds weights only (an export of a sharded engine's run); it cannot be resumed from"
+        self._verified = (path, ckpt)
+        return None
+
+    def _pick(self, ckpt_dir: Path, step: Optional[int]) -> int:
+        if step is not None:
+            return step
+        steps = self.checkpoint_steps(ckpt_dir)
+        if not steps:
+            raise ValueError(f"no checkpoint in '{ckpt_dir}'")
+        return steps[0]
+
+    def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None,
+             step: Optional[int] = None) -> dict:
+        """Restore model and optimizer from the checkpoint of ``step`` (default: the newest);
+        ``check(meta)`` may refuse it before anything is loaded.  Returns the checkpoint's meta."""
+        step = self._pick(ckpt_dir, step)
+        verified = getattr(self, "_verified", None)
+        if verified is None or verified[0] != step_file(ckpt_dir, step):
+            problem = self.verify(ckpt_dir, step)
+            if problem:
+                raise ValueError(problem)
+        ckpt = self._verified[1]
+        self._verified = None
         check(ckpt)
         self.model.load_state_dict(ckpt.pop("model"))
         self.optimizer.load_state_dict(ckpt.pop("optimizer"))
@@ -210,47 +367,87 @@ class FSDPEngine(Engine):
         return {"model": get_model_state_dict(self.model),
                 "optim": get_optimizer_state_dict(self.model.student, self.optimizer)}
 
-    def save(self, ckpt_dir: Path, step: int, meta: dict) -> Path:
+    def _step_payload(self, step: int, meta: dict) -> Optional[dict]:
+        full = self.full_model_state()  # collective: every rank takes part
+        # Weights-only export of the full model (for `poa extract`); resuming reads the DCP folder.
+        return {"step": step, "model": full, **meta} if self.ctx.is_main else None
+
+    def _dcp_dir(self, ckpt_dir: Path, step: int) -> Path:
+        if step == LEGACY_STEP:  # the layout before the history: last_dcp/ (or last_dcp.old/ after a crash)
+            for name in (self.DCP_DIR, self.DCP_DIR + ".old"):
+                if (Path(ckpt_dir) / name / "meta.json").is_file():
+                    return Path(ckpt_dir) / name
+            return Path(ckpt_dir) / self.DCP_DIR
+        return Path(ckpt_dir) / f"step_{step:08d}_dcp"
+
+    def _save_state(self, ckpt_dir: Path, step: int, meta: dict) -> None:
         import torch.distributed.checkpoint as dcp
 
-        ckpt_dir = Path(ckpt_dir)
-        final, tmp, old = ckpt_dir / self.DCP_DIR, ckpt_dir / (self.DCP_DIR + ".tmp"), ckpt_dir / (self.DCP_DIR + ".old")
-        if self.ctx.is_main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        barrier()
-        dcp.save(self._state(), checkpoint_id=str(tmp))
-        full = self.full_model_state()  # collective: every rank takes part
-        if self.ctx.is_main:
-            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}))
-            # Swap directories: a crash leaves either the old or the new one (load() looks at both).
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
+        final = self._dcp_dir(ckpt_dir, step)
+        tmp = final.with_name(final.name + ".tmp")
+        self._write_phase(ckpt_dir, step, (lambda: remove_path(tmp)) if self.ctx.is_main else None)
+        # Every rank writes its shards into the temporary folder; DCP reports a failed write on all ranks.
+        self._write_phase(ckpt_dir, step, lambda: dcp.save(self._state(), checkpoint_id=str(tmp)))
+
+        def finish() -> None:  # the folder is complete: meta.json, then its final name
+            with open(tmp / "meta.json", "w") as f:
+                f.write(json.dumps({"step": step, **meta}))
+                f.flush()
+                os.fsync(f.fileno())
+            remove_path(final)  # a state of this step from an interrupted or unreadable save
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            # Weights-only export of the full model for `poa extract`.
-            atomic_save({"step": step, "model": full, **meta}, ckpt_dir / LAST)
-        barrier()
-        return final
 
-    def _dcp_dir(self, ckpt_dir: Path) -> Optional[Path]:
-        for name in (self.DCP_DIR, self.DCP_DIR + ".old"):
-            d = Path(ckpt_dir) / name
-            if (d / "meta.json").is_file():
-                return d
-        return None
+        self._write_phase(ckpt_dir, step, finish if self.ctx.is_main else None)
 
-    def has_checkpoint(self, ckpt_dir: Path) -> bool:
-        return self._dcp_dir(ckpt_dir) is not None
+    def _state_paths(self, ckpt_dir: Path, step: int) -> List[Path]:
+        return [self._dcp_dir(ckpt_dir, step)]
 
-    def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None) -> dict:
+    def _states_on_disk(self, ckpt_dir: Path) -> List[Tuple[Optional[int], Path]]:
+        out: List[Tuple[Optional[int], Path]] = []
+        if Path(ckpt_dir).is_dir():
+            for p in Path(ckpt_dir).iterdir():
+                m = re.match(r"^step_(\d{8,})_dcp$", p.name)
+                if m:
+                    out.append((int(m.group(1)), p))
+                elif p.name in (self.DCP_DIR, self.DCP_DIR + ".old"):
+                    out.append((None, p))
+        return out
+
+    def checkpoint_path(self, ckpt_dir: Path, step: int) -> Path:
+        return self._dcp_dir(ckpt_dir, step)
+
+    def verify(self, ckpt_dir: Path, step: int) -> Optional[str]:
+        """meta.json, DCP's metadata, and every shard file at least as long as the metadata says;
+        plus the step file's index (its tensors are not read)."""
+        import torch.distributed.checkpoint as dcp
+
+        d = self._dcp_dir(ckpt_dir, step)
+        try:
+            json.loads((d / "meta.json").read_text())
+            md = dcp.FileSystemReader(str(d)).read_metadata()
+        except Exception as exc:
+            return f"sharded checkpoint '{d}' is incomplete or unreadable ({type(exc).__name__}: {exc})"
+        need = {}
+        for info in (md.storage_data or {}).values():
+            rel, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
+            if rel is not None:
+                need[rel] = max(need.get(rel, 0), end)
+        for rel, end in sorted(need.items()):
+            f = d / rel
+            size = f.stat().st_size if f.is_file() else -1
+            if size < end:
+                return (f"sharded checkpoint '{d}' is incomplete: '{rel}' is "
+                        + ("missing" if size < 0 else f"{size} bytes, its metadata needs {end}"))
+        return _check_step_file(step_file(ckpt_dir, step)) if step != LEGACY_STEP else None
+
+    def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None,
+             step: Optional[int] = None) -> dict:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        d = self._dcp_dir(ckpt_dir)
-        if d is None:
-            raise ValueError(f"no sharded checkpoint (checkpoints/{self.DCP_DIR}) under '{ckpt_dir}'")
+        d = self._dcp_dir(ckpt_dir, self._pick(ckpt_dir, step))
+        if not (d / "meta.json").is_file():
+            raise ValueError(f"no sharded checkpoint '{d}'")
         meta = json.loads((d / "meta.json").read_text())
         check(meta)
         state = self._state()  # templates; the optimizer's is filled for every parameter
@@ -367,49 +564,84 @@ class DeepSpeedEngine(Engine):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def save(self, ckpt_dir: Path, step: int, meta: dict) -> Path:
-        ckpt_dir = Path(ckpt_dir)
-        d = ckpt_dir / self.DS_DIR
-        tag = f"step{step:08d}"
+    def _tag_dir(self, ckpt_dir: Path, step: int) -> Path:
+        d = Path(ckpt_dir) / self.DS_DIR
+        if step == LEGACY_STEP:  # the layout before the history: the tag named by deepspeed/latest
+            latest = d / "latest"
+            return d / (latest.read_text().strip() if latest.is_file() else "latest")
+        return d / f"step{step:08d}"
+
+    def _save_state(self, ckpt_dir: Path, step: int, meta: dict) -> None:
+        tag_dir = self._tag_dir(ckpt_dir, step)
         client = {"poa_meta": {"step": step, **meta}}
         if self.stage < 3:
             client["teacher"] = self.model.teacher.state_dict()
-        self.ds.save_checkpoint(str(d), tag=tag, client_state=client, save_latest=False)
-        if self.stage == 3:  # client state is rank 0's only: each rank writes its teacher shard
-            shard = [p.ds_tensor.detach().cpu().clone() for p in self.model.teacher.parameters()]
-            torch.save(shard, d / tag / f"teacher_shard_rank{self.ctx.rank:05d}.pt")
-        barrier()
-        full = self.full_model_state()
-        if self.ctx.is_main:
-            latest = d / "latest"
-            tmp = d / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, latest)  # the step is complete once every rank wrote its part
-            for old in d.glob("step*"):
-                if old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
-            atomic_save({"step": step, "model": full, **meta}, ckpt_dir / LAST)
-        barrier()
-        return d / tag
+        self._write_phase(ckpt_dir, step, (lambda: remove_path(tag_dir)) if self.ctx.is_main else None)
 
-    def has_checkpoint(self, ckpt_dir: Path) -> bool:
-        return (Path(ckpt_dir) / self.DS_DIR / "latest").is_file()
+        def write() -> None:
+            self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=client, save_latest=False)
+            if self.stage == 3:  # client state is rank 0's only: each rank writes its teacher shard
+                shard = [p.ds_tensor.detach().cpu().clone() for p in self.model.teacher.parameters()]
+                torch.save(shard, tag_dir / f"teacher_shard_rank{self.ctx.rank:05d}.pt")
 
-    def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None) -> dict:
+        self._write_phase(ckpt_dir, step, write)  # the tag is complete once every rank wrote its part
+
+    def _step_payload(self, step: int, meta: dict) -> Optional[dict]:
+        full = self.full_model_state()  # collective under ZeRO-3
+        return {"step": step, "model": full, **meta} if self.ctx.is_main else None
+
+    def _committed(self, ckpt_dir: Path, step: int) -> None:
+        d = Path(ckpt_dir) / self.DS_DIR  # DeepSpeed's own pointer (zero_to_fp32.py reads it)
+        tmp = d / "latest.tmp"
+        tmp.write_text(self._tag_dir(ckpt_dir, step).name)
+        os.replace(tmp, d / "latest")
+
+    def _state_paths(self, ckpt_dir: Path, step: int) -> List[Path]:
+        return [self._tag_dir(ckpt_dir, step)]
+
+    def _states_on_disk(self, ckpt_dir: Path) -> List[Tuple[Optional[int], Path]]:
         d = Path(ckpt_dir) / self.DS_DIR
-        tag = (d / "latest").read_text().strip()
-        _, client = self.ds.load_checkpoint(str(d), tag=tag)
+        if not d.is_dir():
+            return []
+        return [(int(p.name[4:]), p) for p in d.iterdir() if re.match(r"^step\d{8,}$", p.name) and p.is_dir()]
+
+    def checkpoint_steps(self, ckpt_dir: Path) -> List[int]:
+        steps = committed_steps(ckpt_dir)
+        if steps == [LEGACY_STEP] and not (Path(ckpt_dir) / self.DS_DIR / "latest").is_file():
+            return []
+        return steps
+
+    def checkpoint_path(self, ckpt_dir: Path, step: int) -> Path:
+        return self._tag_dir(ckpt_dir, step)
+
+    def verify(self, ckpt_dir: Path, step: int) -> Optional[str]:
+        """The tag folder holds the model states and every file's index reads (tensors are not read)."""
+        t = self._tag_dir(ckpt_dir, step)
+        files = sorted(t.glob("*.pt")) if t.is_dir() else []
+        if not any(f.name.endswith("model_states.pt") for f in files):
+            return f"DeepSpeed checkpoint '{t}' is incomplete (no model states)"
+        for f in files:
+            try:
+                torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+            except Exception as exc:
+                return f"DeepSpeed checkpoint file {_read_error(f, exc)}"
+        return _check_step_file(step_file(ckpt_dir, step)) if step != LEGACY_STEP else None
+
+    def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None,
+             step: Optional[int] = None) -> dict:
+        t = self._tag_dir(ckpt_dir, self._pick(ckpt_dir, step))
+        _, client = self.ds.load_checkpoint(str(t.parent), tag=t.name)
         if client is None:
-            raise ValueError(f"DeepSpeed checkpoint '{d / tag}' could not be loaded")
+            raise ValueError(f"DeepSpeed checkpoint '{t}' could not be loaded")
         meta = client["poa_meta"]
         check(meta)  # (DeepSpeed has loaded its state by now; a refused checkpoint still stops the run)
         if self.stage < 3:
             self.model.teacher.load_state_dict(client["teacher"])
         else:
-            shard = torch.load(d / tag / f"teacher_shard_rank{self.ctx.rank:05d}.pt", weights_only=False)
+            shard = torch.load(t / f"teacher_shard_rank{self.ctx.rank:05d}.pt", weights_only=False)
             with torch.no_grad():
-                for p, t in zip(self.model.teacher.parameters(), shard):
-                    p.ds_tensor.copy_(t)
+                for p, v in zip(self.model.teacher.parameters(), shard):
+                    p.ds_tensor.copy_(v)
         return meta
 
 

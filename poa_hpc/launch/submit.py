@@ -5,12 +5,17 @@
 
 The run folder is ``train.output_dir`` (made absolute at submission): the frozen
 config the job runs (``submitted_config.yaml``), the trainer's ``config.yaml``,
-``metrics.jsonl`` and ``checkpoints/``, and ``slurm/`` with submitit's files and
-one log per task (``<job>_<task>_log.out/.err``).  Every task runs
+``metrics.jsonl`` and ``checkpoints/``, ``status/`` (restart bookkeeping, one
+report per rank) and ``slurm/`` with submitit's files and one log per task
+(``<job>_<task>_log.out/.err``).  Every task runs
 :func:`poa_hpc.launch.run.run_training` with ``--resume`` semantics: the
 process group comes from Slurm's variables, a requeued job continues from the
-latest checkpoint, the time-limit signal (``USR2``, ``--signal-delay`` seconds
-before the end) checkpoints and requeues, ``scancel`` checkpoints and stops.
+newest good checkpoint, the time-limit signal (``USR2``, ``--signal-delay``
+seconds before the end) checkpoints and requeues, ``scancel`` checkpoints and
+stops.  Every task is started with ``srun --kill-on-bad-exit=1`` (one dead task
+ends the step at once), and the batch script requeues the job after a failed
+step, up to ``--max-restarts`` failed runs without progress
+(:mod:`poa_hpc.launch.restarts`).
 """
 
 from __future__ import annotations
@@ -18,11 +23,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 from poa_hpc.config import POAConfig, load_config, to_yaml
+from poa_hpc.launch.restarts import DEFAULT_MAX_RESTARTS
 from poa_hpc.launch.slurm import parse_time_minutes
+from poa_hpc.launch.status import EXIT_GAVE_UP, read_state
 
 log = logging.getLogger("poa_hpc.launch")
 
@@ -42,10 +51,21 @@ class TrainTask:
     def __call__(self) -> Dict[str, object]:
         from poa_hpc.cli import setup_logging
         from poa_hpc.launch.run import run_training
+        from poa_hpc.launch.status import classify_error, exit_rank
 
         setup_logging(False)
-        cfg = load_config(self.config_path)
-        summary, code = run_training(cfg, resume=True)
+        try:
+            cfg = load_config(self.config_path)
+            summary, code = run_training(cfg, resume=True)
+        except Exception as exc:
+            # End with the exit code and no result file: submitit would otherwise record the error
+            # as the job's result, although the job may restart and finish.
+            known = classify_error(exc)
+            if known is None:
+                log.exception("training failed")
+                raise SystemExit(exit_rank(1)) from None
+            log.error("%s", known[1])
+            raise SystemExit(exit_rank(known[0])) from None
         if code != 0:
             # Stopped by a signal after checkpointing: end without a result, so submitit does not
             # report the job as finished (a requeued job runs again and resumes).
@@ -80,6 +100,10 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="poa", help="Slurm job name")
     p.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the time limit at which the job checkpoints and requeues itself")
+    p.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
+                   help="after a failed step (a task crashed or was killed, a node failed) the job requeues "
+                        "itself and resumes; it gives up after this many failed runs without a newer "
+                        f"checkpoint (default {DEFAULT_MAX_RESTARTS}; 0: never restart)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and print its summary")
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.root=/imagenet")
 
@@ -124,11 +148,23 @@ def submit(args: argparse.Namespace) -> int:
         cfg.train.device = "cpu"
     frozen = _freeze_config(cfg, out_dir)
 
+    if args.max_restarts < 0:
+        raise SubmitError("--max-restarts must be >= 0")
     executor = submitit.AutoExecutor(folder=str(out_dir / "slurm" / "%j"), cluster="slurm")
+    # The batch script around the srun step: restart bookkeeping before it, and after it the decision
+    # to requeue (poa_hpc.launch.restarts); `$?` on the first teardown line is srun's exit code.
+    guard = [sys.executable, "-m", "poa_hpc.launch.restarts"]
+    common = ["--max-restarts", str(args.max_restarts), "--config", str(frozen)]
+    log_pattern = str(out_dir / "slurm" / "%j" / "%j_%t_log.err")
     params: Dict[str, Any] = dict(
         name=args.name, nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
         timeout_min=minutes, slurm_signal_delay_s=args.signal_delay,
         slurm_additional_parameters={"requeue": True},
+        slurm_srun_args=["--kill-on-bad-exit=1"],
+        slurm_setup=[shlex.join([*guard, "start", *common]) + " || exit $?"],
+        slurm_teardown=["poa_rc=$?",
+                        shlex.join([*guard, "end", *common, "--log", log_pattern]) + ' --exit-code "$poa_rc"',
+                        "exit $?"],
     )
     if gpus:
         params["gpus_per_node"] = gpus
@@ -152,6 +188,10 @@ def submit(args: argparse.Namespace) -> int:
     try:
         results = job.results()
     except Exception as exc:
+        state = read_state(out_dir) or {}
+        if state.get("job") == job.job_id and state.get("gave_up"):
+            print(f"poa submit: error: {state['gave_up']}", file=sys.stderr)
+            return EXIT_GAVE_UP
         raise SubmitError(f"job {job.job_id} did not finish: {str(exc).strip().splitlines()[0]} "
                           f"(see {out_dir / 'slurm' / job.job_id})") from None
     main = next((r for r in results if isinstance(r, dict) and r.get("rank") == 0), results[0])

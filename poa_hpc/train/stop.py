@@ -9,6 +9,14 @@ handler only records the signal; the training loop polls :attr:`StopRequest.sign
 at each step boundary, agrees with the other ranks (any rank's signal stops all
 of them), checkpoints the finished step and returns.  Nothing is lost but the
 step in flight.
+
+``SIGTERM`` is only caught once the training loop starts (:meth:`StopRequest.arm`):
+before that there is nothing to checkpoint, and a process that is still starting
+(waiting for the other ranks, loading a checkpoint) should end at once when
+cancelled, or when srun or torchrun end a step whose other rank died, instead of
+holding the allocation until the SIGKILL that follows.  ``SIGUSR1``/``SIGUSR2``
+are caught from the start (their default action would kill the process without
+the requeue a time-limit warning asks for).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ log = logging.getLogger("poa_hpc.train")
 __all__ = ["StopRequest", "DEFAULT_STOP_SIGNALS"]
 
 DEFAULT_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+DEFERRED_SIGNALS = (signal.SIGTERM,)  # caught from arm() on
 
 
 class StopRequest:
@@ -51,8 +60,17 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("StopRequest.install() must run in the main thread")
         for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handler)
+            if s not in DEFERRED_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handler)
         return self
+
+    def arm(self) -> None:
+        """Catch the deferred signals too (``SIGTERM``); called when the training loop starts."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in self.signals:
+            if s in DEFERRED_SIGNALS and s not in self._previous:
+                self._previous[s] = signal.signal(s, self._handler)
 
     def restore(self) -> None:
         for s, h in self._previous.items():

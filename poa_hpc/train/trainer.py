@@ -4,7 +4,9 @@ Exact resume: everything random in a step is a pure function of
 (seed, rank, step) — the batch and its augmentations, the iBOT masks, the
 elastic sub-network and drop-path (torch's RNG is re-seeded every step) — so a
 run resumed from a checkpoint at step ``t`` continues exactly as the
-uninterrupted run.
+uninterrupted run.  ``--resume`` takes the newest checkpoint that every rank can
+read; an unreadable or incomplete newer one is reported, set aside
+(``*.unreadable``) and the one before it is used (see :func:`resume_newest`).
 """
 
 from __future__ import annotations
@@ -14,23 +16,24 @@ import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
-from poa_hpc.config import POAConfig, flatten, to_dict, to_yaml
+from poa_hpc.config import ConfigError, POAConfig, flatten, to_dict, to_yaml
 from poa_hpc.data.loader import build_train_loader
 from poa_hpc.distributed.engines import build_engine
-from poa_hpc.distributed.env import all_reduce_mean, init_distributed, shutdown
+from poa_hpc.distributed.env import all_reduce_mean, barrier, broadcast_object, gather_objects, init_distributed, shutdown
 from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
 from poa_hpc.perf.timing import StepTimer
-from poa_hpc.train.checkpoint import LAST
+from poa_hpc.train.checkpoint import LAST, LEGACY_STEP, OutputWriteError, point_last, set_aside, step_file
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.schedules import build_schedules
@@ -86,11 +89,16 @@ class MetricsLog:
 
     def __init__(self, path: Path, start_step: int, tensorboard_dir: Optional[Path] = None):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():  # drop what a killed run logged after its last checkpoint
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        self.f = path.open("a")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # drop what a killed run logged after the checkpoint it resumes from
+                kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start_step]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+                os.replace(tmp, path)
+            self.f = path.open("a")
+        except OSError as exc:
+            raise OutputWriteError(f"the metrics log '{path}' could not be written: {exc}") from None
         self.tb = None
         if tensorboard_dir is not None:
             try:
@@ -101,29 +109,101 @@ class MetricsLog:
                 log.warning("train.tensorboard=true but tensorboard is not installed; logging JSONL only")
 
     def write(self, record: Dict[str, float]) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        try:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+        except OSError as exc:
+            raise OutputWriteError(f"the metrics log '{self.path}' could not be written: {exc}") from None
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step":
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:
+            pass
         if self.tb is not None:
             self.tb.close()
 
 
-def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = None) -> Dict[str, object]:
+OnStop = Callable[[int, str, int], None]
+
+
+def check_train_keys(cfg: POAConfig) -> None:
+    """The checkpoint-history and timeout keys (validated here, next to their use)."""
+    t = cfg.train
+    if t.checkpoint_every < 1:
+        raise ConfigError(f"key 'train.checkpoint_every': {t.checkpoint_every} must be >= 1")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"key 'train.keep_checkpoints': {t.keep_checkpoints} must be >= 1 (the newest is resumed from)")
+    if t.keep_every < 0:
+        raise ConfigError(f"key 'train.keep_every': {t.keep_every} must be >= 0 (0: off)")
+    if not cfg.dist.timeout_s > 0:
+        raise ConfigError(f"key 'dist.timeout_s': {cfg.dist.timeout_s} must be > 0 seconds")
+
+
+def resume_newest(engine, ckpt_dir: Path, cfg: POAConfig, ctx) -> Optional[dict]:
+    """Load the newest checkpoint every rank can read; ``None`` if there is none.
+
+    Candidates come newest first from rank 0's listing.  Each rank checks a
+    candidate (:meth:`Engine.verify`: the full file for none/ddp, metadata and
+    shard sizes for FSDP, the tag's files for DeepSpeed); if any rank finds a
+    problem, every rank moves on to the next older one, so all load the same
+    step.  Each skipped checkpoint is reported with its path and the reason, and
+    its step file is renamed ``*.unreadable`` (kept, out of the history).  A
+    checkpoint of another configuration stops the run (:class:`ResumeError`).
+    """
+    steps = broadcast_object(engine.checkpoint_steps(ckpt_dir))
+    if not steps:
+        log.info("resume requested but %s has no checkpoint; starting from scratch", ckpt_dir)
+        return None
+    skipped = []
+    for step in steps:
+        problems = [p for p in gather_objects(engine.verify(ckpt_dir, step)) if p]
+        if problems:
+            skipped.append((step, problems[0]))
+            older = f"trying the previous one (step {steps[len(skipped)]})" if len(skipped) < len(steps) else "no older one"
+            log.warning("cannot resume from the checkpoint of step %s: %s; %s",
+                        "(last.pt)" if step == LEGACY_STEP else step, problems[0], older)
+            continue
+        try:
+            meta = engine.load(ckpt_dir, step=step,
+                               check=lambda m: check_resumable(m["config"], cfg, engine.checkpoint_path(ckpt_dir, step)))
+        except ValueError as exc:  # refused (another config), or read but not loadable into this model
+            raise ResumeError(str(exc)) from None
+        if skipped and ctx.is_main:
+            for bad, _ in skipped:
+                f = step_file(ckpt_dir, bad)
+                if bad != LEGACY_STEP and f.exists():
+                    os.replace(f, f.with_name(f.name + ".unreadable"))
+                    log.warning("set aside %s as %s.unreadable", f, f.name)
+            if step != LEGACY_STEP:
+                point_last(ckpt_dir, step)
+        barrier()
+        if skipped:
+            log.warning("resumed from the checkpoint of step %d instead of step %s (see above)", int(meta["step"]),
+                        skipped[0][0])
+        return meta
+    raise ResumeError(f"no readable checkpoint in '{ckpt_dir}': " + "; ".join(p for _, p in skipped))
+
+
+def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = None,
+          on_stop: Optional[OnStop] = None) -> Dict[str, object]:
     """Train POA in this process (one rank of a torchrun/Slurm job, or alone); returns a summary.
 
     With ``stop`` (see :mod:`poa_hpc.train.stop`), a stop signal received by any
     rank ends the run after the current step with a checkpoint of that step;
     the summary's ``interrupted`` is then the signal's name (else ``None``).
+    ``on_stop(step, signal_name, rank)`` then runs on every rank after the
+    checkpoint and before the ranks leave together (rank 0 requeues there, so no
+    rank exits before the requeue is done).
     """
-    ctx = init_distributed(cfg.train.device)
+    check_train_keys(cfg)
+    ctx = init_distributed(cfg.train.device, cfg.dist.timeout_s, Path(cfg.train.output_dir) / "status")
     try:
-        summary = _train(cfg, resume, ctx, stop)
+        summary = _train(cfg, resume, ctx, stop, on_stop)
     except BaseException:
         if ctx.distributed:  # no barrier: the other ranks may be gone
             torch.distributed.destroy_process_group()
@@ -133,13 +213,18 @@ def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = No
     return summary
 
 
-def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None) -> Dict[str, object]:
+def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None,
+           on_stop: Optional[OnStop] = None) -> Dict[str, object]:
     device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
+    keep = {"keep_last": cfg.train.keep_checkpoints, "keep_every": cfg.train.keep_every}
     if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        except OSError as exc:
+            raise OutputWriteError(f"the run folder '{out_dir}' could not be written: {exc}") from None
 
     model = build_model(cfg).to(device)
     engine = build_engine(cfg.dist, ctx, cfg.train.amp, cfg.optim.clip_grad, cfg.optim.batch_size)
@@ -147,16 +232,17 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     start_step = 0
     saved_watchdog = None
     if resume:
-        if not engine.has_checkpoint(ckpt_dir):
-            log.info("resume requested but %s has no checkpoint; starting from scratch", ckpt_dir)
-        else:
-            try:
-                meta = engine.load(ckpt_dir, check=lambda m: check_resumable(m["config"], cfg, ckpt_dir))
-            except ValueError as exc:
-                raise ResumeError(str(exc)) from None
+        meta = resume_newest(engine, ckpt_dir, cfg, ctx)
+        if meta is not None:
             start_step = int(meta["step"])
             saved_watchdog = meta.get("watchdog")
             log.info("resumed from %s at step %d (%s engine, %d ranks)", ckpt_dir, start_step, engine.name, world_size)
+    else:
+        moved = set_aside(ckpt_dir) if ctx.is_main else None  # a fresh run never mixes with an older history
+        if moved is not None:
+            log.warning("starting from scratch: the checkpoints already in %s were moved to %s (use --resume to "
+                        "continue a run)", ckpt_dir, moved)
+        barrier()
 
     loader, iters_per_epoch = build_train_loader(cfg, rank=rank, world_size=world_size, start_step=start_step)
     total = cfg.optim.epochs * iters_per_epoch
@@ -193,6 +279,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     skipped_at_epoch_start = 0
     interrupted: Optional[str] = None
     it = iter(loader)
+    if stop is not None:
+        stop.arm()  # from here on a SIGTERM checkpoints the finished step (see train/stop.py)
     t_last = time.perf_counter()
     try:
         for step in range(start_step, end):
@@ -264,13 +352,17 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
             if stop_ranks > 0.5:  # some rank got a stop signal: all checkpoint this step and return
                 interrupted = _signal_name(stop, stop_signal / round(stop_ranks))
                 with timer.host("checkpoint"):
-                    engine.save(ckpt_dir, step + 1, {**meta, "watchdog": watchdog.state_dict()})
+                    engine.save(ckpt_dir, step + 1, {**meta, "watchdog": watchdog.state_dict()}, **keep)
                 end = step + 1
                 log.warning("stopped by %s after step %d; checkpoint saved in %s", interrupted, step, ckpt_dir)
+                if on_stop is not None:
+                    on_stop(end, interrupted, rank)
                 break
-            if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
+            done = step + 1
+            if (done % cfg.train.checkpoint_every == 0 or done == end
+                    or (cfg.train.keep_every > 0 and done % cfg.train.keep_every == 0)):
                 with timer.host("checkpoint"):
-                    engine.save(ckpt_dir, step + 1, {**meta, "watchdog": watchdog.state_dict()})
+                    engine.save(ckpt_dir, done, {**meta, "watchdog": watchdog.state_dict()}, **keep)
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,199 @@
+"""Exit codes, and what each rank of a Slurm job reports about how it ended.
+
+Exit codes of ``poa`` (and of a training task):
+
+====  ==================================================================
+0     finished
+1     crashed (an unexpected error; also a collective that timed out or
+      lost a rank) — a Slurm job restarts after it
+2     bad input: config, paths, a checkpoint of another configuration
+3     the loss became NaN/inf (the last good checkpoint is untouched)
+4     a checkpoint or the run folder could not be written (disk full,
+      quota, read-only or unwritable folder); the committed checkpoints
+      are intact
+5     the job gave up: ``--max-restarts`` restarts without a newer checkpoint
+128+N stopped by signal N after checkpointing the finished step
+====  ==================================================================
+
+Codes 2-4 do not restart a Slurm job: the same input, the same step (training is
+deterministic) or the same full disk would fail again.
+
+Under Slurm every rank writes ``<train.output_dir>/status/rank_NNNNN.json``
+(job, host, pid, and at the end its state, code and a one-line message): the
+job wrapper (:mod:`poa_hpc.launch.restarts`) reads them to tell a rank that
+stopped on a signal from one that failed, and a killed rank (its report still
+says ``running``) from the ranks that merely lost it.  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from poa_hpc.launch.slurm import job_id
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+EXIT_WRITE = 4
+EXIT_GAVE_UP = 5
+# Failures a restart would only repeat.
+FATAL_EXIT_CODES = {EXIT_USAGE: "bad input", EXIT_NONFINITE: "non-finite loss",
+                    EXIT_WRITE: "checkpoint could not be written"}
+
+STATUS_DIR = "status"
+
+
+def status_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / STATUS_DIR
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class RankReport:
+    """``status/rank_NNNNN.json`` of one rank of a Slurm job (see the module doc)."""
+
+    def __init__(self, run_dir: str | Path, rank: int, job: str) -> None:
+        self.path = status_dir(run_dir) / f"rank_{rank:05d}.json"
+        self.base = {"job": job, "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), "rank": rank,
+                     "host": socket.gethostname(), "pid": os.getpid()}
+
+    @classmethod
+    def for_run(cls, run_dir: str | Path) -> Optional["RankReport"]:
+        """This process's report in a Slurm job (torchrun's ``RANK`` or srun's ``SLURM_PROCID``); else ``None``."""
+        jid = job_id()
+        if not jid:
+            return None
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+        return cls(run_dir, int(rank), jid)
+
+    def write(self, state: str, code: Optional[int] = None, message: str = "") -> None:
+        """Record ``state`` (running, completed, stopped, failed); never raises (a full disk must not
+        turn the real error into another one)."""
+        try:
+            _atomic_write_json(self.path, {**self.base, "state": state, "code": code, "message": message,
+                                           "time": time.time()})
+        except OSError:
+            pass
+
+
+def rank_reports(run_dir: str | Path) -> List[dict]:
+    return [r for r in (read_json(p) for p in sorted(status_dir(run_dir).glob("rank_*.json"))) if r]
+
+
+def clear_rank_reports(run_dir: str | Path) -> None:
+    for p in status_dir(run_dir).glob("rank_*.json"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def collective_failure(exc: BaseException) -> Optional[str]:
+    """A one-line explanation if ``exc`` is a collective that timed out or lost its peer, else ``None``."""
+    name = type(exc).__name__
+    text = str(exc)
+    if not (isinstance(exc, RuntimeError) and (name.startswith("Dist") or "gloo" in text or "NCCL" in text
+                                               or "c10d" in text or "ProcessGroup" in text)):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else name
+    first = first.split("] ", 1)[-1] if first.startswith("[") else first  # drop gloo's source location
+    first = first.split(". This is typically", 1)[0][:160]  # and gloo's advice
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return f"a collective did not complete within dist.timeout_s (another rank is stuck or gone): {first}"
+    if any(s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "Connection refused",
+                               "Read error", "Write error", "remote process exited")):
+        return f"lost the connection to another rank (it probably died; see its log): {first}"
+    return None
+
+
+def classify_error(exc: BaseException) -> Optional[Tuple[int, str]]:
+    """(exit code, one-line message) of a known failure; ``None`` for an unexpected one (a crash)."""
+    from poa_hpc.config import ConfigError
+    from poa_hpc.train.checkpoint import OutputWriteError
+
+    try:  # these modules import torch; the classes exist only once they are imported anyway
+        from poa_hpc.train.trainer import NonFiniteLossError, ResumeError
+    except ImportError:  # pragma: no cover
+        NonFiniteLossError = ResumeError = ()  # type: ignore
+    try:
+        from poa_hpc.cli import UsageError
+        from poa_hpc.launch.submit import SubmitError
+    except ImportError:  # pragma: no cover
+        UsageError = SubmitError = ()  # type: ignore
+    if isinstance(exc, OutputWriteError):
+        return EXIT_WRITE, str(exc)
+    if isinstance(exc, NonFiniteLossError):
+        return EXIT_NONFINITE, str(exc)
+    if isinstance(exc, (ConfigError, UsageError, ResumeError, SubmitError, FileNotFoundError, NotADirectoryError)):
+        return EXIT_USAGE, str(exc)
+    collective = collective_failure(exc)
+    if collective:
+        return EXIT_CRASH, collective
+    try:
+        from poa_hpc.cli import WorkerFailure
+    except ImportError:  # pragma: no cover
+        WorkerFailure = ()  # type: ignore
+    if isinstance(exc, WorkerFailure):
+        return EXIT_CRASH, str(exc)
+    return None
+
+
+def describe(exc: BaseException) -> Tuple[int, str]:
+    """(exit code, one line) for any exception: a known one's, else 1 and ``Type: message``."""
+    known = classify_error(exc)
+    if known:
+        return known
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(exc, SystemExit):
+        return (exc.code if isinstance(exc.code, int) else 1), "exited"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return EXIT_CRASH, f"{type(exc).__name__}: {text}"[:300]
+
+
+def read_state(run_dir: str | Path) -> Optional[Dict]:
+    return read_json(status_dir(run_dir) / "restarts.json")
+
+
+def write_state(run_dir: str | Path, state: Dict) -> None:
+    _atomic_write_json(status_dir(run_dir) / "restarts.json", state)
+
+
+def exit_rank(code: int) -> int:
+    """Return ``code``, or, in a rank of a multi-process run, leave now with it.
+
+    After a failure the process group is destroyed without the usual barrier; the
+    interpreter's teardown then runs C++ destructors of process-group and
+    checkpoint threads that can abort the process (SIGABRT, "terminate called
+    without an active exception"), which would replace the exit code the
+    launcher and the restart logic read.  Output is flushed first.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
