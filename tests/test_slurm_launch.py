@@ -132,15 +132,17 @@ def test_time_limit_signal_checkpoints_and_requeues_itself(slurm_cluster, tmp_pa
 
 
 def test_real_time_limit_checkpoints_requeues_and_finishes_over_several_runs(slurm_cluster, tmp_path, capsys):
-    """A run longer than its 2-minute limit: Slurm's USR2 (90 s before the limit) stops each run with a
-    checkpoint, rank 0 requeues, and the job finishes after as many runs as it needs."""
+    """A run longer than its 3-minute limit: Slurm's USR2 (90 s before the limit; Slurm checks every 30 s, so
+    60-90 s into each run) stops each run with a checkpoint, rank 0 requeues, and the job finishes after as many
+    runs as it needs.  The warning is due a minute after the start, when the tasks exist: one due while the job
+    is still starting reaches no task and Slurm does not repeat it (poa submit refuses such a --signal-delay)."""
     out = tmp_path / "run"
-    steps = 1000  # ~70 s of training here: longer than the first run gets (Slurm signals 30-60 s in)
-    assert main([*SUBMIT, "--partition", slurm_cluster.partition, "--time", "2", "--signal-delay", "90",
+    steps = 2000  # ~145 s of training at ~14 steps/s (2 ranks, here and in CI): more than the 90 s a run gets
+    assert main([*SUBMIT, "--partition", slurm_cluster.partition, "--time", "3", "--signal-delay", "90",
                  *TINY, f"optim.epochs={steps // 10}", "train.checkpoint_every=100000", "train.log_every=10",
                  f"train.output_dir={out}"]) == 0
     job = re.search(r"submitted Slurm job (\d+)", capsys.readouterr().out).group(1)
-    assert slurm_cluster.wait_done(job, timeout=600) == "COMPLETED", _logs(out, job)
+    assert slurm_cluster.wait_done(job, timeout=900) == "COMPLETED", _logs(out, job)
     restarts = int(slurm_cluster.job_info(job).get("Restarts", "0"))
     log0 = (out / "slurm" / job / f"{job}_0_log.err").read_text()
     assert restarts >= 1, f"the run finished before Slurm's time-limit signal; make it longer\n{log0[-2000:]}"
@@ -185,6 +187,20 @@ def test_impossible_jobs_fail_with_slurms_message(slurm_cluster, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and "Slurm refused the job" in err and message.lower() in err.lower(), err
     assert "Traceback" not in err and time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--time", "2", "--signal-delay", "90"], "--signal-delay 90: expected 1 to 60 seconds"),
+    (["--time", "15", "--signal-delay", "0"], "--signal-delay 0: expected 1 to 840 seconds"),
+    (["--time", "1:xx"], "--time: time limit '1:xx': expected minutes"),
+    (["--max-restarts", "-1"], "--max-restarts must be >= 0"),
+])
+def test_submit_refuses_bad_arguments_before_calling_slurm(tmp_path, capsys, args, message):
+    """No cluster needed: the arguments are checked before sbatch; one line naming the option, nothing written."""
+    code = main([*SUBMIT, *args, *TINY, f"train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_sbatch_srun_script(slurm_cluster, tmp_path):

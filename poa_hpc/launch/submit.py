@@ -133,6 +133,14 @@ def submit(args: argparse.Namespace) -> int:
         minutes = parse_time_minutes(args.time)
     except ValueError as exc:
         raise SubmitError(f"--time: {exc}") from None
+    # Slurm checks time limits every 30 s and sends the warning up to that much early; a warning due
+    # while the job is still starting (before its tasks exist) is sent to nobody and never repeated.
+    if args.signal_delay < 1 or args.signal_delay + 60 > minutes * 60:
+        raise SubmitError(f"--signal-delay {args.signal_delay}: expected 1 to {minutes * 60 - 60} seconds (at least "
+                          f"a minute less than the {minutes}-minute time limit: Slurm may send it 30 s early and "
+                          "the job must have started to receive it)")
+    if args.max_restarts < 0:
+        raise SubmitError("--max-restarts must be >= 0")
     gpus = max(0, int(args.gpus_per_node))
     tasks = args.tasks_per_node or (gpus if gpus > 0 else 1)
     if gpus and tasks != gpus:
@@ -148,8 +156,6 @@ def submit(args: argparse.Namespace) -> int:
         cfg.train.device = "cpu"
     frozen = _freeze_config(cfg, out_dir)
 
-    if args.max_restarts < 0:
-        raise SubmitError("--max-restarts must be >= 0")
     executor = submitit.AutoExecutor(folder=str(out_dir / "slurm" / "%j"), cluster="slurm")
     # The batch script around the srun step: restart bookkeeping before it, and after it the decision
     # to requeue (poa_hpc.launch.restarts); `$?` on the first teardown line is srun's exit code.
