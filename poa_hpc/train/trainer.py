@@ -31,7 +31,7 @@ from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.train.checkpoint import LAST
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
-from poa_hpc.train.schedules import build_schedules
+from poa_hpc.train.schedules import build_schedules, phase_steps
 from poa_hpc.train.stop import StopRequest
 from poa_hpc.train.watchdog import CollapseWatchdog
 
@@ -163,7 +163,7 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     sampler = SubnetSampler(model.space, cfg.train.seed, rank, cfg.model.rank_sampling)
     watchdog = CollapseWatchdog(cfg.head.prototypes, cfg.train.collapse_tolerance, cfg.train.collapse_patience)
     watchdog.load_state_dict(saved_watchdog)  # warn once per run, resumed or not
-    ibot_start = cfg.loss.ibot_start_epoch * iters_per_epoch
+    ibot_start = phase_steps(cfg, iters_per_epoch).ibot_start
     autocast = autocast_factory(cfg.train.amp, device)
     global_batch = cfg.optim.batch_size * world_size
     metrics = None
@@ -211,7 +211,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                 raise NonFiniteLossError(
                     f"loss is not finite at step {step} (sub-network {sub}; {bad}); the run stopped before the "
                     f"optimizer step and the last good checkpoint in {ckpt_dir} was left untouched. "
-                    f"Lower optim.base_lr or raise optim.warmup_epochs, then resume with --resume."
+                    f"Lower optim.base_lr or raise optim.warmup_epochs (or optim.warmup_steps), then resume "
+                    f"with --resume."
                 )
             grad_norm = engine.clip_and_step(cfg.optim.clip_grad)
             engine.update_teacher(s["momentum"])
