@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -112,16 +112,24 @@ class MetricsLog:
             self.tb.close()
 
 
-def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = None) -> Dict[str, object]:
+StepHook = Callable[[int, POA, Dict[str, float]], None]
+
+
+def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = None,
+          on_step: Optional[StepHook] = None) -> Dict[str, object]:
     """Train POA in this process (one rank of a torchrun/Slurm job, or alone); returns a summary.
 
     With ``stop`` (see :mod:`poa_hpc.train.stop`), a stop signal received by any
     rank ends the run after the current step with a checkpoint of that step;
     the summary's ``interrupted`` is then the signal's name (else ``None``).
+    ``on_step(step, model, record)`` (main rank, one process engines only: the model is
+    whole there) is called after each step's optimizer and teacher updates with the
+    step's record, for measurements during training (``poa bench demo``); it must not
+    change the model.
     """
     ctx = init_distributed(cfg.train.device)
     try:
-        summary = _train(cfg, resume, ctx, stop)
+        summary = _train(cfg, resume, ctx, stop, on_step)
     except BaseException:
         if ctx.distributed:  # no barrier: the other ranks may be gone
             torch.distributed.destroy_process_group()
@@ -131,7 +139,8 @@ def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = No
     return summary
 
 
-def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None) -> Dict[str, object]:
+def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None,
+           on_step: Optional[StepHook] = None) -> Dict[str, object]:
     device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -229,6 +238,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                     log.warning(warning)
                 record["collapsed"] = int(watchdog.collapsed)
             last_record = record
+            if on_step is not None and ctx.is_main:
+                on_step(step, model, record)
             if metrics is not None and logged:
                 metrics.write(record)
             if log_lines and logged:
