@@ -442,7 +442,9 @@ def cmd_subnets(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ demo
 def cmd_demo(args: argparse.Namespace) -> int:
+    from poa_hpc.eval.baseline import raw_pixel_knn
     from poa_hpc.eval.evaluate import format_table, knn_evaluate
+    from poa_hpc.eval.sweep import format_sweep_table, run_sweep
     from poa_hpc.models.extract import load_subnet
     from poa_hpc.models.registry import get_backbone
     from poa_hpc.models.subnets import Subnet
@@ -452,13 +454,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config or packaged_config("demo_cpu.yaml"), overrides)
+    if args.linear_epochs < 1:
+        raise UsageError(f"--linear-epochs {args.linear_epochs}: expected a positive number of epochs")
     out = Path(cfg.train.output_dir)
     space = get_backbone(cfg.model.arch).space(cfg.model.section)
     subs = [Subnet(space.widths[0], space.depths[0]),
             Subnet(space.widths[len(space.widths) // 2], space.depths[len(space.depths) // 2]),
             space.intact]
+    t_start = time.perf_counter()
+    baseline = raw_pixel_knn(cfg)
     print(f"POA demo: {len(space)} sub-networks; training on {cfg.data.dataset} for "
           f"{cfg.optim.epochs} epochs, output in {out}")
+    print(f"reference: weighted k-NN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature:g}) on the centred raw pixels "
+          f"of the same split: {baseline:.2f}%")
     t0 = time.perf_counter()
     summary = train(cfg, resume=True)
     print(f"training finished in {time.perf_counter() - t0:.0f}s (step {summary['step']})")
@@ -474,10 +482,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tables.append(rows)
         print()
         print(format_table(rows, f"weighted k-NN on {cfg.data.dataset} val, sub-networks {label}"))
-    print()
+
+    print(f"\nevery sub-network of the trained teacher (k-NN and linear probe):")
+    sweep_dir = out / "sweep"
+    rows = run_sweep(cfg, trained_backbone, space.all(), sweep_dir, source=f"{summary['checkpoint']}:teacher",
+                     step=step, epochs=args.linear_epochs, device="cpu", progress=False)
+    print(format_sweep_table(rows))
+
+    print(f"\nraw pixels (centred): k-NN top-1 {baseline:.2f}%")
     for a, b in zip(*tables):
         print(f"{a.name}: k-NN top-1 {a.top1:.2f}% at init -> {b.top1:.2f}% trained ({b.top1 - a.top1:+.2f})")
     print(f"\nextracted sub-networks: {out / 'subnets'}")
+    plot = sweep_dir / "sweep.png"
+    print(f"sweep of all {len(rows)} sub-networks: {sweep_dir / 'sweep.json'}, {sweep_dir / 'sweep.csv'}"
+          + (f"\nplot: {plot}" if plot.is_file() else " (no plot: matplotlib is not installed)"))
+    print(f"demo finished in {time.perf_counter() - t_start:.0f}s")
     return 0
 
 
@@ -503,6 +522,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from poa_hpc.bench.step import run as bench_step
 
         return bench_step(args.args)
+    if args.what == "demo":
+        from poa_hpc.bench.demo import run as bench_demo
+
+        return bench_demo(args.args)
     raise UsageError(f"unknown benchmark {args.what!r}")
 
 
@@ -609,11 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_subnets)
 
     b = sub.add_parser("bench", help="benchmarks that print a table and write JSON under benchmarks/results/")
-    b.add_argument("what", choices=("engines", "kernels", "attention", "data", "step"),
+    b.add_argument("what", choices=("engines", "kernels", "attention", "data", "step", "demo"),
                    help="engines: POA step img/s and peak memory per engine; kernels: sliced projection "
                         "fwd+bwd (torch, Triton, dense); attention: fwd+bwd TFLOP/s per backend; data: "
                         "multi-crop loader img/s (torchvision, DALI CPU, DALI GPU); step: one device's POA step "
-                        "(img/s, MFU, phase times, peak memory vs poa estimate memory)")
+                        "(img/s, MFU, phase times, peak memory vs poa estimate memory); demo: train demo recipes, "
+                        "k-NN of their sub-networks, CPU time, collapse")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see poa bench engines -h)")
     b.set_defaults(func=cmd_bench)
 
@@ -639,10 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_arguments(sb)
     sb.set_defaults(func=cmd_submit)
 
-    d = sub.add_parser("demo", help="train the embedded CPU demo, extract 3 sub-networks, k-NN them")
+    d = sub.add_parser("demo", help="train the embedded CPU demo, k-NN 3 sub-networks against raw pixels, "
+                                    "sweep all sub-networks (k-NN + linear probe, plot)")
     d.add_argument("--config", help="default: the packaged configs/demo_cpu.yaml (ViT); "
                                      "configs/swin_demo_cpu.yaml is the Swin demo")
     d.add_argument("--output-dir", help="default: the config's train.output_dir (runs/demo)")
+    d.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs of the final sweep")
     d.add_argument("overrides", nargs="*")
     d.set_defaults(func=cmd_demo)
     return p

@@ -68,12 +68,16 @@ class LossConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 30
+    # Steps instead of epochs (for small data sets, where an epoch is a few dozen steps): when not
+    # null, each *_steps / *_step key replaces its *_epochs / *_epoch key (see train/schedules.py).
+    warmup_teacher_temp_steps: Optional[int] = None
     sinkhorn_iters: int = 3
     same_view_temp: float = 0.1
     same_view_weight: float = 0.2
     koleo_weight: float = 0.1
     ibot_weight: float = 1.0
     ibot_start_epoch: int = 30
+    ibot_start_step: Optional[int] = None  # replaces ibot_start_epoch when not null
     mask_sample_probability: float = 0.5
     mask_ratio_min: float = 0.1
     mask_ratio_max: float = 0.5
@@ -109,6 +113,7 @@ class OptimConfig:
     lr_ref_batch: int = 1024
     min_lr: float = 2e-5
     warmup_epochs: int = 10
+    warmup_steps: Optional[int] = None  # replaces warmup_epochs when not null
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     momentum_teacher: float = 0.992
@@ -116,6 +121,7 @@ class OptimConfig:
     layer_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     freeze_last_layer_epochs: int = 1
+    freeze_last_layer_steps: Optional[int] = None  # replaces freeze_last_layer_epochs when not null
     clip_grad: float = 1.5  # 0 disables
     beta1: float = 0.9
     beta2: float = 0.999
@@ -196,6 +202,14 @@ _CHOICES = {
 }
 
 
+# Lengths of schedule phases, in epochs or (when not null) in steps.
+_SCHEDULE_LENGTHS = (
+    "optim.warmup_epochs", "optim.warmup_steps", "optim.freeze_last_layer_epochs", "optim.freeze_last_layer_steps",
+    "loss.warmup_teacher_temp_epochs", "loss.warmup_teacher_temp_steps", "loss.ibot_start_epoch",
+    "loss.ibot_start_step",
+)
+
+
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     msg = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
@@ -230,6 +244,11 @@ def validate(cfg: POAConfig) -> POAConfig:
         raise ConfigError(f"key 'train.peak_tflops': {cfg.train.peak_tflops} must be >= 0 (0: the GPU's table value)")
     if cfg.loss.chunk_elements < 0:
         raise ConfigError(f"key 'loss.chunk_elements': {cfg.loss.chunk_elements} must be >= 0 (0: one chunk per head)")
+    for key in _SCHEDULE_LENGTHS:
+        value = _get(cfg, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"key '{key}': {value} must be >= 0" + (" (or null)" if key.endswith(("_steps", "_step"))
+                                                                      else ""))
     if cfg.optim.batch_size < 2:
         raise ConfigError(f"key 'optim.batch_size': {cfg.optim.batch_size} must be >= 2 (KoLeo needs neighbours)")
     return cfg

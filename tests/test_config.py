@@ -31,6 +31,12 @@ def test_paper_config_values():
         ("data.local_size=17", "data.local_size"),
         ("train.collapse_tolerance=1.5", "train.collapse_tolerance"),
         ("train.collapse_patience=-1", "train.collapse_patience"),
+        ("optim.warmup_steps=-3", "optim.warmup_steps"),
+        ("optim.freeze_last_layer_steps=-1", "optim.freeze_last_layer_steps"),
+        ("loss.warmup_teacher_temp_steps=-1", "loss.warmup_teacher_temp_steps"),
+        ("loss.ibot_start_step=-1", "loss.ibot_start_step"),
+        ("loss.ibot_start_step=2.5", "loss.ibot_start_step"),
+        ("optim.warmup_epochs=-1", "optim.warmup_epochs"),
         ("nonsense", "key=value"),
     ],
 )
@@ -50,6 +56,14 @@ def test_missing_and_invalid_files(tmp_path):
     typo.write_text("optim:\n  base_lrr: 0.1\n")
     with pytest.raises(ConfigError, match="optim.base_lrr"):
         load_config(typo)
+
+
+def test_step_keys_default_null():
+    cfg = load_config("configs/vit_l_poa.yaml")
+    assert (cfg.optim.warmup_steps, cfg.optim.freeze_last_layer_steps, cfg.loss.warmup_teacher_temp_steps,
+            cfg.loss.ibot_start_step) == (None, None, None, None)
+    cfg = load_config("configs/vit_l_poa.yaml", ["optim.warmup_steps=30", "loss.ibot_start_step=null"])
+    assert cfg.optim.warmup_steps == 30 and cfg.loss.ibot_start_step is None
 
 
 def test_roundtrip_through_dict():

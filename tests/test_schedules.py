@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from poa_hpc.config import POAConfig
-from poa_hpc.train.schedules import Schedules, build_schedules, scaled_lr
+from poa_hpc.train.schedules import PhaseSteps, Schedules, build_schedules, phase_steps, scaled_lr
 
 IPE = 10  # iterations per epoch
 
@@ -162,3 +162,62 @@ def test_tiny_demo_warmup_longer_than_run():
 def test_bad_inputs():
     with pytest.raises(ValueError):
         build_schedules(make_cfg(), 0)
+
+
+# ------------------------------------------------------------------ phases in steps
+def test_step_keys_replace_epoch_keys_by_hand():
+    """warmup 7, freeze 13, teacher-temperature warm-up 5 steps (epochs say 20, 10, 30)."""
+    cfg = make_cfg(warmup_steps=7, freeze_last_layer_steps=13)
+    cfg.loss.warmup_teacher_temp_steps = 5
+    s = build_schedules(cfg, IPE, world_size=4)
+    W, span = 7, 200
+    assert s.lr[0] == 0.0
+    for i in range(W):  # linspace(0, peak, 7)
+        assert s.lr[i] == pytest.approx(PEAK * i / 6, rel=1e-12, abs=0), i
+    for i in (7, 8, 50, 99):  # cosine over span - warm-up
+        assert s.lr[i] == pytest.approx(hand_cos(PEAK, 1e-5, i - W, span - W), rel=1e-12), i
+    np.testing.assert_array_equal(s.last_layer_lr[:13], 0.0)
+    np.testing.assert_array_equal(s.last_layer_lr[13:], s.lr[13:])
+    assert s.lr[12] > 0
+    for i in range(5):  # linspace(0.04, 0.07, 5)
+        assert s.teacher_temp[i] == pytest.approx(0.04 + 0.03 * i / 4, rel=1e-12), i
+    np.testing.assert_array_equal(s.teacher_temp[5:], 0.07)
+    # wd and momentum have no phase: unchanged
+    ref = build_schedules(make_cfg(), IPE, world_size=4)
+    np.testing.assert_array_equal(s.wd, ref.wd)
+    np.testing.assert_array_equal(s.momentum, ref.momentum)
+
+
+def test_step_keys_null_or_equal_keep_the_epoch_schedules():
+    base = build_schedules(make_cfg(), IPE, world_size=4)
+    cfg = make_cfg(warmup_steps=2 * IPE, freeze_last_layer_steps=1 * IPE)
+    cfg.loss.warmup_teacher_temp_steps = 3 * IPE
+    same = build_schedules(cfg, IPE, world_size=4)
+    for name in ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr"):
+        np.testing.assert_array_equal(getattr(same, name), getattr(base, name), err_msg=name)
+    # zero steps: no warm-up, no freeze, no teacher-temperature warm-up
+    cfg0 = make_cfg(warmup_steps=0, freeze_last_layer_steps=0)
+    cfg0.loss.warmup_teacher_temp_steps = 0
+    s0 = build_schedules(cfg0, IPE, world_size=4)
+    assert s0.lr[0] == pytest.approx(PEAK, rel=1e-12)
+    np.testing.assert_array_equal(s0.last_layer_lr, s0.lr)
+    np.testing.assert_array_equal(s0.teacher_temp, 0.07)
+
+
+def test_phase_steps():
+    cfg = make_cfg()
+    cfg.loss.ibot_start_epoch = 4
+    assert phase_steps(cfg, IPE) == PhaseSteps(warmup=20, freeze_last_layer=10, warmup_teacher_temp=30, ibot_start=40)
+    cfg.loss.ibot_start_step = 33
+    cfg.optim.warmup_steps = 0
+    assert phase_steps(cfg, IPE) == PhaseSteps(warmup=0, freeze_last_layer=10, warmup_teacher_temp=30, ibot_start=33)
+    # the demo: 22 iterations per epoch
+    assert phase_steps(make_cfg(), 22).warmup == 44
+
+
+def test_phase_longer_than_run_is_clipped():
+    cfg = make_cfg(epochs=1, warmup_steps=25, freeze_last_layer_steps=40)
+    s = build_schedules(cfg, IPE, world_size=4)
+    assert s.lr.shape == (10,)
+    assert s.lr[9] == pytest.approx(PEAK, rel=1e-12)  # the warm-up reaches the peak on the last step
+    np.testing.assert_array_equal(s.last_layer_lr, 0.0)

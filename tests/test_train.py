@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -226,11 +227,60 @@ def test_eval_knn_cli_on_extracted_subnets(tmp_path, capsys):
 
 
 def test_demo_command_end_to_end_short(tmp_path, capsys):
-    """`poa demo` trains, extracts 3 sub-networks from the teacher and prints init vs trained k-NN."""
+    """`poa demo` prints the raw-pixel reference, trains, extracts 3 sub-networks from the teacher, prints init vs
+    trained k-NN, then sweeps every sub-network (k-NN + linear) into sweep.json/csv/png."""
+    from poa_hpc.config import load_config
+    from poa_hpc.eval.baseline import raw_pixel_knn
+
     overrides = [o for o in TINY if not o.startswith("optim.epochs")] + ["optim.epochs=1", "data.num_workers=0"]
-    assert main(["demo", "--output-dir", str(tmp_path / "demo"), *overrides]) == 0
+    demo = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(demo), "--linear-epochs", "2", *overrides]) == 0
     out = capsys.readouterr().out
     assert "sub-networks at initialisation" in out and "after POA training" in out
     lines = [ln for ln in out.splitlines() if "at init ->" in ln]
     assert [ln.split(":")[0] for ln in lines] == ["vit_16x2", "vit_24x3", "vit_32x4"]
-    assert len(list((tmp_path / "demo" / "subnets").glob("*.safetensors"))) == 3
+    assert len(list((demo / "subnets").glob("*.safetensors"))) == 3
+    # the reference line carries the raw-pixel k-NN of the same (tiny, 16 px) evaluation data
+    expected = raw_pixel_knn(load_config("configs/demo_cpu.yaml", overrides))
+    assert f"raw pixels (centred): k-NN top-1 {expected:.2f}%" in out
+    # the sweep: every sub-network of the tiny space (widths 16/24/32 x depths 2/3/4), files and plot path printed
+    sweep = json.loads((demo / "sweep" / "sweep.json").read_text())
+    assert sorted((r["width"], int(r["depth"])) for r in sweep["rows"]) == [(w, d) for w in (16, 24, 32) for d in (2, 3, 4)]
+    assert all(r["knn_top1"] is not None and r["linear_top1"] is not None for r in sweep["rows"])
+    assert sweep["provenance"]["linear"]["epochs"] == 2
+    assert (demo / "sweep" / "sweep.csv").read_text().count("\n") == 10
+    assert f"plot: {demo / 'sweep' / 'sweep.png'}" in out and (demo / "sweep" / "sweep.png").stat().st_size > 0
+    # the summary's trained k-NN of the intact network is the sweep's
+    intact = next(r for r in sweep["rows"] if r["name"] == "vit_32x4")
+    assert f"-> {intact['knn_top1']:.2f}% trained" in lines[-1]
+
+
+def test_phases_in_steps_and_the_step_hook(tmp_path):
+    """Phase lengths given in steps reach the training loop: the hook sees every step once, after its update,
+    with the step's lr and teacher temperature, iBOT from loss.ibot_start_step on, and the last head layer
+    unchanged while its lr is held at 0."""
+    from poa_hpc.config import load_config
+    from poa_hpc.train.trainer import build_model, train
+
+    cfg = load_config("configs/demo_cpu.yaml", [
+        *TINY, "data.num_workers=0", "optim.epochs=2", f"train.output_dir={tmp_path / 'run'}",  # 8 steps, 4 per epoch
+        "optim.warmup_steps=3", "optim.freeze_last_layer_steps=5", "loss.warmup_teacher_temp_steps=6",
+        "loss.ibot_start_step=3", "optim.warmup_epochs=0", "loss.ibot_start_epoch=0",
+        "loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07", "optim.base_lr=0.004"])
+    init = build_model(cfg).student.heads[0].last_layer.weight_v.detach().clone()
+    seen = []
+
+    def hook(step, model, record):
+        seen.append((step, record, model.student.heads[0].last_layer.weight_v.detach().clone()))
+
+    train(cfg, on_step=hook)
+    assert [s for s, _, _ in seen] == list(range(8))
+    peak = 0.004 * math.sqrt(16 / 1024)  # TINY: batch 16
+    # warm-up over 3 steps: linspace(0, peak, 3); then a cosine from the peak
+    assert [rec["lr"] for _, rec, _ in seen[:4]] == pytest.approx([0.0, peak / 2, peak, peak], rel=1e-12)
+    # teacher temperature: linspace(0.04, 0.07, 6), then 0.07
+    assert [rec["teacher_temp"] for _, rec, _ in seen] == pytest.approx(
+        [0.04 + 0.03 * i / 5 for i in range(6)] + [0.07, 0.07], rel=1e-12)
+    for step, rec, last_layer in seen:
+        assert ("intact/ibot" in rec) == (step >= 3), step
+        assert torch.equal(last_layer, init) == (step < 5), step  # frozen for steps 0..4, updated from step 5

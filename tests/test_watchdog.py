@@ -143,11 +143,14 @@ def _first_collapsed_window(records, ks, tol, patience):
 def test_a_collapsing_run_warns_once_and_a_healthy_run_does_not(tmp_path, caplog):
     """Two real 40-step runs of the tiny model on digits.
 
-    Collapsing: the defaults of this tiny setting (LayerScale 1e-5 keeps the [CLS] image-independent,
-    so the teacher's targets are uniform from the start, and the student learns to match them).
-    Healthy: LayerScale 1, a sharper teacher (0.02) and a lower learning rate.
+    Collapsing: the first demo recipe (LayerScale 1e-5 keeps the [CLS] image-independent, so the teacher's
+    targets are uniform from the start, and the student learns to match them), spelled out here so that the
+    demo's own recipe can change.  Healthy: LayerScale 1, a sharper teacher (0.02) and a lower learning rate.
     """
-    cfg, bad, warnings = _train(tmp_path, caplog, "collapse")
+    first_demo = ["model.vit.layerscale_init=1e-5", "loss.teacher_temp=0.07", "loss.warmup_teacher_temp=0.04",
+                  "loss.warmup_teacher_temp_epochs=2", "data.n_local=4", "data.global_scale_min=0.32",
+                  "data.local_scale_min=0.05", "data.local_scale_max=0.32"]
+    cfg, bad, warnings = _train(tmp_path, caplog, "collapse", *first_demo)
     ks = cfg.head.prototypes
     fired = _first_collapsed_window(bad, ks, 0.01, 8)
     assert fired is not None and len(warnings) == 1, warnings
@@ -158,7 +161,8 @@ def test_a_collapsing_run_warns_once_and_a_healthy_run_does_not(tmp_path, caplog
     assert last["intact/dino"] == pytest.approx(mean_ln_k, rel=0.01)  # the symptom: DINO loss at ln K
     assert all(last[f"collapse/logit_spread_h{i}"] < 0.2 for i in range(len(ks)))
 
-    cfg, good, warnings = _train(tmp_path, caplog, "healthy", "model.vit.layerscale_init=1.0", "loss.teacher_temp=0.02",
+    cfg, good, warnings = _train(tmp_path, caplog, "healthy", *first_demo, "model.vit.layerscale_init=1.0",
+                                 "loss.teacher_temp=0.02",
                                  "loss.warmup_teacher_temp=0.02", "optim.base_lr=0.0005")
     assert [r["step"] for r in good] == [r["step"] for r in bad]
     assert warnings == [] and all(r["collapsed"] == 0 for r in good)

@@ -10,6 +10,14 @@ warm-up and the freeze keep their lengths.
 
 All arrays are numpy float64 of length ``total_iters``; :meth:`Schedules.at` returns the
 ``final_value`` of each schedule past the end, as ``CosineScheduler.__getitem__`` does.
+
+Phase lengths are given in epochs (``optim.warmup_epochs``, ``optim.freeze_last_layer_epochs``,
+``loss.warmup_teacher_temp_epochs``, ``loss.ibot_start_epoch``) and converted with the run's
+iterations per epoch, or directly in steps: a ``*_steps`` / ``*_step`` key that is not null
+(``optim.warmup_steps``, ``optim.freeze_last_layer_steps``, ``loss.warmup_teacher_temp_steps``,
+``loss.ibot_start_step``) replaces its epoch key.  On a small data set an epoch is a few dozen
+steps (the demo's digits: 22), so phases measured in epochs there are far shorter, in
+optimizer steps, than the same numbers of epochs at ImageNet scale (1,250 steps per epoch).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import numpy as np
 
 from poa_hpc.config import POAConfig
 
-__all__ = ["Schedules", "build_schedules", "cosine_schedule", "scaled_lr"]
+__all__ = ["PhaseSteps", "Schedules", "build_schedules", "cosine_schedule", "phase_steps", "scaled_lr"]
 
 _NAMES = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
 
@@ -76,6 +84,32 @@ def scaled_lr(cfg: POAConfig, world_size: int = 1) -> float:
     return o.base_lr * math.sqrt(global_batch / o.lr_ref_batch)
 
 
+@dataclass(frozen=True)
+class PhaseSteps:
+    """Lengths of the schedule phases in optimizer steps (before clipping to the run)."""
+
+    warmup: int  # lr linear warm-up
+    freeze_last_layer: int  # last head layer's lr held at 0
+    warmup_teacher_temp: int  # teacher temperature linear warm-up
+    ibot_start: int  # first step with the iBOT loss
+
+
+def phase_steps(cfg: POAConfig, iters_per_epoch: int) -> PhaseSteps:
+    """Each phase's ``*_steps`` / ``*_step`` key when not null, else its epoch key times ``iters_per_epoch``."""
+    ipe = int(iters_per_epoch)
+    o, loss = cfg.optim, cfg.loss
+
+    def pick(steps, epochs) -> int:
+        return max(int(steps), 0) if steps is not None else max(int(epochs * ipe), 0)
+
+    return PhaseSteps(
+        warmup=pick(o.warmup_steps, o.warmup_epochs),
+        freeze_last_layer=pick(o.freeze_last_layer_steps, o.freeze_last_layer_epochs),
+        warmup_teacher_temp=pick(loss.warmup_teacher_temp_steps, loss.warmup_teacher_temp_epochs),
+        ibot_start=pick(loss.ibot_start_step, loss.ibot_start_epoch),
+    )
+
+
 @dataclass
 class Schedules:
     """Per-iteration values, arrays of length ``total_iters`` (float64)."""
@@ -117,7 +151,8 @@ def build_schedules(cfg: POAConfig, iters_per_epoch: int, world_size: int = 1) -
     ``int(total_iters / optim.schedule_fraction)`` iterations and are cut at ``total_iters``.
     The teacher temperature is a linear warm-up then constant (no span).  The last-layer
     lr is the lr schedule with its first ``freeze_last_layer_epochs`` epochs set to zero
-    (DINOv2/POA: ``last_layer_lr_schedule.schedule[:freeze] = 0``).
+    (DINOv2/POA: ``last_layer_lr_schedule.schedule[:freeze] = 0``).  Phase lengths come from
+    :func:`phase_steps` (epoch keys, or the ``*_steps`` keys when set).
     """
     o, loss = cfg.optim, cfg.loss
     ipe = int(iters_per_epoch)
@@ -130,20 +165,21 @@ def build_schedules(cfg: POAConfig, iters_per_epoch: int, world_size: int = 1) -
     total = o.epochs * ipe
     span = max(int(total / o.schedule_fraction), total)
     peak = scaled_lr(cfg, world_size)
+    phases = phase_steps(cfg, ipe)
 
-    lr = cosine_schedule(peak, o.min_lr, total, warmup_iters=o.warmup_epochs * ipe, start_warmup_value=0.0, span=span)
+    lr = cosine_schedule(peak, o.min_lr, total, warmup_iters=phases.warmup, start_warmup_value=0.0, span=span)
     wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total, span=span)
     momentum = cosine_schedule(o.momentum_teacher, o.final_momentum_teacher, total, span=span)
 
     # DINOv2: CosineScheduler(teacher_temp, teacher_temp, total_iters=W, warmup_iters=W,
     # start_warmup_value=warmup_teacher_temp); indexing past W returns teacher_temp.
-    w = max(int(loss.warmup_teacher_temp_epochs * ipe), 0)
+    w = phases.warmup_teacher_temp
     teacher_temp = np.full(total, loss.teacher_temp, dtype=np.float64)
     n = min(w, total)
     teacher_temp[:n] = np.linspace(loss.warmup_teacher_temp, loss.teacher_temp, w, dtype=np.float64)[:n]
 
     last_layer_lr = lr.copy()
-    last_layer_lr[: max(int(o.freeze_last_layer_epochs * ipe), 0)] = 0.0
+    last_layer_lr[: phases.freeze_last_layer] = 0.0
 
     final = {
         "lr": o.min_lr,

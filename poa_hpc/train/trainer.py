@@ -36,7 +36,7 @@ from poa_hpc.perf.timing import StepTimer
 from poa_hpc.train.checkpoint import LAST, LEGACY_STEP, OutputWriteError, point_last, set_aside, step_file
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
-from poa_hpc.train.schedules import build_schedules
+from poa_hpc.train.schedules import build_schedules, phase_steps
 from poa_hpc.train.stop import StopRequest
 from poa_hpc.train.watchdog import CollapseWatchdog
 
@@ -129,6 +129,7 @@ class MetricsLog:
 
 
 OnStop = Callable[[int, str, int], None]
+StepHook = Callable[[int, POA, Dict[str, float]], None]
 
 
 def check_train_keys(cfg: POAConfig) -> None:
@@ -190,7 +191,7 @@ def resume_newest(engine, ckpt_dir: Path, cfg: POAConfig, ctx) -> Optional[dict]
 
 
 def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = None,
-          on_stop: Optional[OnStop] = None) -> Dict[str, object]:
+          on_stop: Optional[OnStop] = None, on_step: Optional[StepHook] = None) -> Dict[str, object]:
     """Train POA in this process (one rank of a torchrun/Slurm job, or alone); returns a summary.
 
     With ``stop`` (see :mod:`poa_hpc.train.stop`), a stop signal received by any
@@ -199,11 +200,15 @@ def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = No
     ``on_stop(step, signal_name, rank)`` then runs on every rank after the
     checkpoint and before the ranks leave together (rank 0 requeues there, so no
     rank exits before the requeue is done).
+    ``on_step(step, model, record)`` (main rank, one process engines only: the model is
+    whole there) is called after each step's optimizer and teacher updates with the
+    step's record, for measurements during training (``poa bench demo``); it must not
+    change the model.
     """
     check_train_keys(cfg)
     ctx = init_distributed(cfg.train.device, cfg.dist.timeout_s, Path(cfg.train.output_dir) / "status")
     try:
-        summary = _train(cfg, resume, ctx, stop, on_stop)
+        summary = _train(cfg, resume, ctx, stop, on_stop, on_step)
     except BaseException:
         if ctx.distributed:  # no barrier: the other ranks may be gone
             torch.distributed.destroy_process_group()
@@ -214,7 +219,8 @@ def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = No
 
 
 def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None,
-           on_stop: Optional[OnStop] = None) -> Dict[str, object]:
+           on_stop: Optional[OnStop] = None,
+           on_step: Optional[StepHook] = None) -> Dict[str, object]:
     device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -251,7 +257,7 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     sampler = SubnetSampler(model.space, cfg.train.seed, rank, cfg.model.rank_sampling)
     watchdog = CollapseWatchdog(cfg.head.prototypes, cfg.train.collapse_tolerance, cfg.train.collapse_patience)
     watchdog.load_state_dict(saved_watchdog)  # warn once per run, resumed or not
-    ibot_start = cfg.loss.ibot_start_epoch * iters_per_epoch
+    ibot_start = phase_steps(cfg, iters_per_epoch).ibot_start
     autocast = autocast_factory(cfg.train.amp, device)
     global_batch = cfg.optim.batch_size * world_size
     metrics = None
@@ -310,7 +316,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                 raise NonFiniteLossError(
                     f"loss is not finite at step {step} (sub-network {sub}; {bad}); the run stopped before the "
                     f"optimizer step and the last good checkpoint in {ckpt_dir} was left untouched. "
-                    f"Lower optim.base_lr or raise optim.warmup_epochs, then resume with --resume."
+                    f"Lower optim.base_lr or raise optim.warmup_epochs (or optim.warmup_steps), then resume "
+                    f"with --resume."
                 )
             with timer.phase("optimizer"):  # clipping, AdamW and the EMA
                 grad_norm = engine.clip_and_step(cfg.optim.clip_grad)
@@ -336,6 +343,9 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                     log.warning(warning)
                 record["collapsed"] = int(watchdog.collapsed)
                 last_record = record
+            if on_step is not None and ctx.is_main:
+                on_step(step, model, record if logged else {"step": step, "lr": s["lr"], "teacher_temp": s["teacher_temp"],
+                                                            **terms})
             if metrics is not None and logged:
                 metrics.write(record)
             if log_lines and logged:

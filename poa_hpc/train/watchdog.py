@@ -54,10 +54,11 @@ def collapse_stats(teacher_cls: Sequence[torch.Tensor], student_cls_logits: Sequ
 
 CAUSES = (
     "teacher temperature too high or its warm-up too short (loss.teacher_temp, loss.warmup_teacher_temp, "
-    "loss.warmup_teacher_temp_epochs); last head layer frozen too briefly or too long for the number of steps "
-    "(optim.freeze_last_layer_epochs); too many prototypes for a small dataset (head.prototypes); a LayerScale "
-    "init that keeps the early [CLS] image-independent (model.vit.layerscale_init); learning rate too high or "
-    "warm-up too short (optim.base_lr, optim.warmup_epochs)"
+    "loss.warmup_teacher_temp_epochs or _steps); last head layer frozen too briefly or too long for the number of "
+    "steps (optim.freeze_last_layer_epochs or _steps); too many prototypes for a small dataset (head.prototypes); "
+    "a LayerScale init that keeps the early [CLS] image-independent for a short run (model.vit.layerscale_init); "
+    "learning rate too high or warm-up too short (optim.base_lr, optim.warmup_epochs or _steps); crops too small "
+    "for the images to be told apart from one another (data.local_scale_min/max, data.global_scale_min)"
 )
 
 
