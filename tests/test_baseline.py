@@ -29,7 +29,8 @@ def test_raw_pixel_knn_equals_sklearn_on_digits():
     train, val, _ = build_eval_datasets(cfg)
     tr_x, tr_y = pixels(train)
     va_x, va_y = pixels(val)
-    assert tr_x.shape == (1438, 3 * 32 * 32) and va_x.shape == (359, 3 * 32 * 32)
+    side = cfg.eval.image_size  # the demo's 16 px
+    assert tr_x.shape == (1438, 3 * side * side) and va_x.shape == (359, 3 * side * side)
     # the images as the networks see them: the evaluation transform's output, flattened
     np.testing.assert_array_equal(va_x[7].numpy(), val[7][0].reshape(-1).numpy())
     args = (tr_x.numpy(), tr_y.numpy(), va_x.numpy(), va_y.numpy(), cfg.eval.knn_k, cfg.eval.knn_temperature)

@@ -17,8 +17,13 @@ from poa_hpc.train.meta_arch import POA
 from poa_hpc.config import to_dict
 
 
+# The demo's ViT at 32 px (8x8 patch grid; local crops 16 px, a 4x4 grid): sizes these tests resize between.
+DEMO_32PX = ["model.vit.img_size=32", "data.digits_size=32", "data.global_size=32", "data.local_size=16",
+             "eval.image_size=32"]
+
+
 def demo_model():
-    cfg = load_config("configs/demo_cpu.yaml")
+    cfg = load_config("configs/demo_cpu.yaml", DEMO_32PX)
     torch.manual_seed(0)
     model = POA(cfg)
     with torch.no_grad():  # trained-like LayerScales and biases so every block matters
