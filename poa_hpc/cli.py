@@ -29,7 +29,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from poa_hpc.config import ConfigError, POAConfig, from_dict, load_config
 
@@ -268,21 +268,29 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
         return _eval_knn(args, _subnets_of_checkpoints(args, Path(tmp)))
 
 
-def _eval_knn(args: argparse.Namespace, subnet_files: List[str]) -> int:
-    import torch
-
-    from poa_hpc.eval.evaluate import format_table, knn_evaluate
+def _load_subnet_files(paths: Sequence[str], with_step: bool = False) -> Tuple[list, dict]:
+    """``[(name, model)]`` of extracted sub-network files and the first file's metadata; a missing or foreign
+    file is a one-line error.  The name is the file's stem (``@step<N>`` appended with ``with_step``)."""
     from poa_hpc.models.extract import load_subnet
 
     models, meta0 = [], None
-    for path in subnet_files:
+    for path in paths:
         try:
             model, meta = load_subnet(path)
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from None
         meta0 = meta0 or meta
         stem = Path(path).stem
-        models.append((f"{stem}@step{meta['step']}" if args.step is not None and "step" in meta else stem, model))
+        models.append((f"{stem}@step{meta['step']}" if with_step and "step" in meta else stem, model))
+    return models, meta0
+
+
+def _eval_knn(args: argparse.Namespace, subnet_files: List[str]) -> int:
+    import torch
+
+    from poa_hpc.eval.evaluate import format_table, knn_evaluate
+
+    models, meta0 = _load_subnet_files(subnet_files, with_step=args.step is not None)
     # Defaults: the training config recorded in the file at extraction (its data and eval sections).
     cfg = load_config(args.config, args.overrides, base=meta0.get("config"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -361,7 +369,6 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
 
     from poa_hpc.eval.evaluate import dense_cost
     from poa_hpc.eval.sweep import SweepRow, eval_splits, evaluate_networks, format_sweep_table, warn_grid_edge
-    from poa_hpc.models.extract import load_subnet
     from poa_hpc.models.registry import get_backbone
 
     _check_probe_args(args)
@@ -371,14 +378,7 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
     overrides = [a for a in args.subnets if a not in files] + list(args.overrides)
     if not files:
         raise UsageError("name the sub-network files written by `poa extract`")
-    models, meta0 = [], None
-    for path in files:
-        try:
-            model, meta = load_subnet(path)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(str(exc)) from None
-        meta0 = meta0 or meta
-        models.append((Path(path).stem, model))
+    models, meta0 = _load_subnet_files(files)
     cfg = load_config(args.config, overrides, base=meta0.get("config"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

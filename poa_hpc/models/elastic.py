@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from poa_hpc.kernels.sliced_linear import slice_cols
 from poa_hpc.models.ops import elastic_conv2d, elastic_linear
 
-__all__ = ["ElasticLinear", "ElasticConv2d", "ElasticLayerNorm", "ElasticGroupNorm", "LayerScale", "DropPath",
-           "block_ids", "ElasticBackbone"]
+__all__ = ["ElasticLinear", "ElasticConv2d", "ElasticLayerNorm", "ElasticGroupNorm", "ElasticMlp", "LayerScale",
+           "DropPath", "block_ids", "ElasticBackbone"]
 
 
 def block_ids(total_depth: int, depth: int) -> List[int]:
@@ -119,6 +119,22 @@ class ElasticLayerNorm(nn.LayerNorm):
         w = x.shape[-1]
         return F.layer_norm(x, (w,), slice_cols(self.weight, w, self.groups), slice_cols(self.bias, w, self.groups),
                             self.eps)
+
+
+class ElasticMlp(nn.Module):
+    """The transformer MLP (fc1, GELU, fc2) at the input's width: the hidden width follows it at the same ratio
+    (timm's ``Mlp`` at every sub-network; ViT and Swin blocks share it)."""
+
+    def __init__(self, dim: int, hidden: int, linear_backend: str):
+        super().__init__()
+        self.ratio = hidden / dim
+        self.fc1 = ElasticLinear(dim, hidden, backend=linear_backend)
+        self.act = nn.GELU()
+        self.fc2 = ElasticLinear(hidden, dim, backend=linear_backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        return self.fc2(self.act(self.fc1(x, int(round(self.ratio * w)))), w)
 
 
 class LayerScale(nn.Module):

@@ -20,16 +20,15 @@ the step time with perfect overlap (max) and none (sum), and the scaling efficie
 from __future__ import annotations
 
 import argparse
-import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from poa_hpc.config import POAConfig
 from poa_hpc.errors import ConfigError
+from poa_hpc.perf.fake import PhasedDispatchMode
 
 __all__ = ["CommCounter", "Collective", "step_collectives", "per_rank_bytes", "scaling_table", "estimate_comm_cli"]
 
@@ -60,21 +59,12 @@ def _nbytes(x) -> int:
     return 0
 
 
-class CommCounter(TorchDispatchMode):
+class CommCounter(PhasedDispatchMode):
     """Records the c10d collectives dispatched while active, with the step part current at the time."""
 
     def __init__(self):
         super().__init__()
         self.calls: List[Collective] = []
-        self.phase_name = "setup"
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        saved, self.phase_name = self.phase_name, name
-        try:
-            yield
-        finally:
-            self.phase_name = saved
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         spec = _OPS.get(str(func.overloadpacket))

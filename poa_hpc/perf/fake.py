@@ -3,6 +3,7 @@ multi-crop batch of the config's shapes, and the masked-token counts iBOT gives 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Optional
 
@@ -85,6 +86,21 @@ def synthetic_batch(cfg: POAConfig, batch_size: Optional[int] = None, n_masked: 
 
 
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+class PhasedDispatchMode(TorchDispatchMode):
+    """A dispatch mode that knows which part of the step is running: ``with mode.phase("backward"): ...``
+    sets :attr:`phase_name` for the ops dispatched inside (``"setup"`` outside any phase)."""
+
+    phase_name = "setup"
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        saved, self.phase_name = self.phase_name, name
+        try:
+            yield
+        finally:
+            self.phase_name = saved
 
 
 class MetaMemo(TorchDispatchMode):

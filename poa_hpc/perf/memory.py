@@ -47,11 +47,11 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from poa_hpc.config import POAConfig
 from poa_hpc.errors import ConfigError
+from poa_hpc.perf.fake import PhasedDispatchMode
 from poa_hpc.models.subnets import Subnet
 
 __all__ = ["MemoryTracker", "estimate_memory", "MemoryReport", "estimate_memory_cli"]
@@ -72,7 +72,7 @@ def _storage(t: torch.Tensor):
         return None
 
 
-class MemoryTracker(TorchDispatchMode):
+class MemoryTracker(PhasedDispatchMode):
     """Live bytes of every storage the dispatched ops create, with the step part current at creation.
 
     ``phase(name)`` sets the part; ``register(tensors, kind)`` adds tensors made before tracking
@@ -85,7 +85,6 @@ class MemoryTracker(TorchDispatchMode):
     def __init__(self, round_to: int = 512):
         super().__init__()
         self.round_to = max(int(round_to), 1)
-        self.phase_name = "setup"
         self.live: Dict[int, tuple] = {}  # storage key -> (allocation id, bytes)
         self.label: Dict[int, str] = {}  # allocation id -> part of the step that made it
         self.kind: Dict[int, str] = {}  # allocation id -> what it turned out to be
@@ -168,14 +167,6 @@ class MemoryTracker(TorchDispatchMode):
             st = _storage(t) if isinstance(t, torch.Tensor) else None
             if st is not None and st._cdata in self.live:
                 self.kind[self.live[st._cdata][0]] = kind
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        saved, self.phase_name = self.phase_name, name
-        try:
-            yield
-        finally:
-            self.phase_name = saved
 
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from poa_hpc.models.elastic import DropPath, ElasticBackbone, ElasticLayerNorm, ElasticLinear, block_ids
+from poa_hpc.models.elastic import DropPath, ElasticBackbone, ElasticLayerNorm, ElasticLinear, ElasticMlp, block_ids
 from poa_hpc.models.ops import attention
 
 #: index of the stage whose depth is elastic (stage 3 of 4)
@@ -200,19 +200,6 @@ class WindowAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(Bw, N, c), c)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, linear_backend: str):
-        super().__init__()
-        self.ratio = hidden / dim
-        self.fc1 = ElasticLinear(dim, hidden, backend=linear_backend)
-        self.act = nn.GELU()
-        self.fc2 = ElasticLinear(hidden, dim, backend=linear_backend)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = x.shape[-1]
-        return self.fc2(self.act(self.fc1(x, int(round(self.ratio * w)))), w)
-
-
 class SwinBlock(nn.Module):
     def __init__(self, dim: int, head_dim: int, window: int, shift: bool, mlp_ratio: float, qkv_bias: bool,
                  drop_path: float, linear_backend: str, attn_backend: str):
@@ -222,7 +209,7 @@ class SwinBlock(nn.Module):
         self.norm1 = ElasticLayerNorm(dim)
         self.attn = WindowAttention(dim, head_dim, window, qkv_bias, linear_backend, attn_backend)
         self.norm2 = ElasticLayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), linear_backend)
+        self.mlp = ElasticMlp(dim, int(dim * mlp_ratio), linear_backend)
         self.drop_path = DropPath(drop_path)
 
     def extra_repr(self) -> str:

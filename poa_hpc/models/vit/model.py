@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from poa_hpc.models.elastic import DropPath, ElasticBackbone, ElasticLayerNorm, ElasticLinear, LayerScale, block_ids
+from poa_hpc.models.elastic import (DropPath, ElasticBackbone, ElasticLayerNorm, ElasticLinear, ElasticMlp, LayerScale,
+                                    block_ids)
 from poa_hpc.models.ops import attention
 
 
@@ -65,19 +66,6 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, w), w)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, linear_backend: str):
-        super().__init__()
-        self.ratio = hidden / dim
-        self.fc1 = ElasticLinear(dim, hidden, backend=linear_backend)
-        self.act = nn.GELU()
-        self.fc2 = ElasticLinear(hidden, dim, backend=linear_backend)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = x.shape[-1]
-        return self.fc2(self.act(self.fc1(x, int(round(self.ratio * w)))), w)
-
-
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, init_values: float,
                  drop_path: float, linear_backend: str, attn_backend: str):
@@ -86,7 +74,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, linear_backend, attn_backend)
         self.ls1 = LayerScale(dim, init_values)
         self.norm2 = ElasticLayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), linear_backend)
+        self.mlp = ElasticMlp(dim, int(dim * mlp_ratio), linear_backend)
         self.ls2 = LayerScale(dim, init_values)
         self.drop_path = DropPath(drop_path)
 
