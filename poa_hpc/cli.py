@@ -261,9 +261,21 @@ def _subnets_of_checkpoints(args: argparse.Namespace, tmp: Path) -> List[str]:
     return files
 
 
+def _split_files_and_overrides(args: argparse.Namespace, attr: str) -> None:
+    """`nargs="+"` also takes dotted overrides written after the files: an argument with '=' that is no file is
+    one; move those from ``args.<attr>`` to ``args.overrides``."""
+    items = getattr(args, attr)
+    files = [a for a in items if "=" not in a or Path(a).exists()]
+    args.overrides = [a for a in items if a not in files] + list(args.overrides)
+    setattr(args, attr, files)
+    if not files:
+        raise UsageError("name the sub-network files written by `poa extract` (or, for poa eval knn, a run folder)")
+
+
 def cmd_eval_knn(args: argparse.Namespace) -> int:
     import tempfile
 
+    _split_files_and_overrides(args, "subnets")
     with tempfile.TemporaryDirectory(prefix="poa-eval-") as tmp:
         return _eval_knn(args, _subnets_of_checkpoints(args, Path(tmp)))
 
@@ -373,13 +385,9 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
 
     _check_probe_args(args)
     lrs = _parse_lrs(args.lrs)
-    # `nargs="+"` also takes dotted overrides written after the files: an argument with '=' that is no file is one.
-    files = [a for a in args.subnets if "=" not in a or Path(a).exists()]
-    overrides = [a for a in args.subnets if a not in files] + list(args.overrides)
-    if not files:
-        raise UsageError("name the sub-network files written by `poa extract`")
-    models, meta0 = _load_subnet_files(files)
-    cfg = load_config(args.config, overrides, base=meta0.get("config"))
+    _split_files_and_overrides(args, "subnets")
+    models, meta0 = _load_subnet_files(args.subnets)
+    cfg = load_config(args.config, args.overrides, base=meta0.get("config"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         train, val, num_classes, _ = eval_splits(cfg, args.train_per_class or 0, args.seed)

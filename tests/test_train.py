@@ -224,6 +224,17 @@ def test_eval_knn_cli_on_extracted_subnets(tmp_path, capsys):
     top1 = [float(r.split()[-1].rstrip("%")) for r in rows]
     assert all(0.0 <= t <= 100.0 for t in top1)
     assert main(["eval", "knn", str(tmp_path / "nope.safetensors")]) == 2
+    # overrides written after the files are overrides, not files: k = 1 as knn_evaluate gives it
+    from poa_hpc.eval.evaluate import knn_evaluate
+    from poa_hpc.models.extract import load_subnet
+
+    capsys.readouterr()
+    assert main(["eval", "knn", *files, "eval.knn_k=1"]) == 0
+    got = [float(ln.split()[-1].rstrip("%")) for ln in capsys.readouterr().out.splitlines() if ln.startswith("vit_")]
+    loaded = [load_subnet(f) for f in files]
+    cfg1 = load_config(None, ["eval.knn_k=1"], base=loaded[0][1]["config"])
+    want = [r.top1 for r in knn_evaluate([(Path(f).stem, m) for f, (m, _) in zip(files, loaded)], cfg1)]
+    assert got == pytest.approx(want, abs=0.006)  # printed with 2 decimals
 
 
 def test_demo_command_end_to_end_short(tmp_path, capsys):
