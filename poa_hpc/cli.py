@@ -450,12 +450,12 @@ def cmd_subnets(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ demo
 def cmd_demo(args: argparse.Namespace) -> int:
+    from poa_hpc.bench.demo import demo_subnets
     from poa_hpc.eval.baseline import raw_pixel_knn
     from poa_hpc.eval.evaluate import format_table, knn_evaluate
     from poa_hpc.eval.sweep import format_sweep_table, run_sweep
     from poa_hpc.models.extract import load_subnet
     from poa_hpc.models.registry import get_backbone
-    from poa_hpc.models.subnets import Subnet
     from poa_hpc.train.trainer import build_model, train
 
     overrides = list(args.overrides)
@@ -466,9 +466,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--linear-epochs {args.linear_epochs}: expected a positive number of epochs")
     out = Path(cfg.train.output_dir)
     space = get_backbone(cfg.model.arch).space(cfg.model.section)
-    subs = [Subnet(space.widths[0], space.depths[0]),
-            Subnet(space.widths[len(space.widths) // 2], space.depths[len(space.depths) // 2]),
-            space.intact]
+    subs = demo_subnets(space)
     t_start = time.perf_counter()
     baseline = raw_pixel_knn(cfg)
     print(f"POA demo: {len(space)} sub-networks; training on {cfg.data.dataset} for "
