@@ -31,17 +31,13 @@ from importlib import resources
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from poa_hpc.config import ConfigError, POAConfig, from_dict, load_config
+from poa_hpc.config import POAConfig, from_dict, load_config
+from poa_hpc.errors import ConfigError, UsageError, WorkerFailure
 
 log = logging.getLogger("poa_hpc")
 
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
-class WorkerFailure(RuntimeError):
-    """A torchrun worker crashed or was killed (its own error is in the output): one line, exit code 1."""
+# Modules that register `poa` subcommands (poa_hpc.commands.register_command): one line each.
+COMMAND_MODULES: Tuple[str, ...] = ()
 
 
 def packaged_config(name: str) -> Path:
@@ -600,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate extracted sub-networks")
     evs = ev.add_subparsers(dest="eval_command", required=True)
+    groups = {("eval",): evs}
     k = evs.add_parser("knn", help="weighted k-NN on frozen [CLS] features")
     k.add_argument("subnets", nargs="+", help="sub-network .safetensors files written by `poa extract`, or run "
                                                 "folders / training checkpoints to extract them from")
@@ -677,6 +674,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs of the final sweep")
     d.add_argument("overrides", nargs="*")
     d.set_defaults(func=cmd_demo)
+
+    import importlib
+
+    from poa_hpc.commands import add_registered
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    add_registered(sub, groups)
     return p
 
 

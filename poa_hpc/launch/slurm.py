@@ -7,11 +7,9 @@ import re
 import subprocess
 from typing import Mapping, Optional
 
+from poa_hpc.errors import SlurmError
+
 __all__ = ["job_id", "requeue_job", "parse_time_minutes", "SlurmError"]
-
-
-class SlurmError(RuntimeError):
-    """A Slurm command failed; the message carries Slurm's own words."""
 
 
 def job_id(environ: Mapping[str, str] = os.environ) -> Optional[str]:

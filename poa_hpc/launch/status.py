@@ -38,15 +38,8 @@ from typing import Dict, List, Optional, Tuple
 
 from poa_hpc.launch.slurm import job_id
 
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_USAGE = 2
-EXIT_NONFINITE = 3
-EXIT_WRITE = 4
-EXIT_GAVE_UP = 5
-# Failures a restart would only repeat.
-FATAL_EXIT_CODES = {EXIT_USAGE: "bad input", EXIT_NONFINITE: "non-finite loss",
-                    EXIT_WRITE: "checkpoint could not be written"}
+from poa_hpc.errors import (EXIT_CRASH, EXIT_GAVE_UP, EXIT_NONFINITE, EXIT_USAGE, EXIT_WRITE,  # noqa: F401
+                            FATAL_EXIT_CODES, PoaError)
 
 STATUS_DIR = "status"
 
@@ -128,33 +121,13 @@ def collective_failure(exc: BaseException) -> Optional[str]:
 
 def classify_error(exc: BaseException) -> Optional[Tuple[int, str]]:
     """(exit code, one-line message) of a known failure; ``None`` for an unexpected one (a crash)."""
-    from poa_hpc.config import ConfigError
-    from poa_hpc.train.checkpoint import OutputWriteError
-
-    try:  # these modules import torch; the classes exist only once they are imported anyway
-        from poa_hpc.train.trainer import NonFiniteLossError, ResumeError
-    except ImportError:  # pragma: no cover
-        NonFiniteLossError = ResumeError = ()  # type: ignore
-    try:
-        from poa_hpc.cli import UsageError
-        from poa_hpc.launch.submit import SubmitError
-    except ImportError:  # pragma: no cover
-        UsageError = SubmitError = ()  # type: ignore
-    if isinstance(exc, OutputWriteError):
-        return EXIT_WRITE, str(exc)
-    if isinstance(exc, NonFiniteLossError):
-        return EXIT_NONFINITE, str(exc)
-    if isinstance(exc, (ConfigError, UsageError, ResumeError, SubmitError, FileNotFoundError, NotADirectoryError)):
+    if isinstance(exc, PoaError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         return EXIT_USAGE, str(exc)
     collective = collective_failure(exc)
     if collective:
         return EXIT_CRASH, collective
-    try:
-        from poa_hpc.cli import WorkerFailure
-    except ImportError:  # pragma: no cover
-        WorkerFailure = ()  # type: ignore
-    if isinstance(exc, WorkerFailure):
-        return EXIT_CRASH, str(exc)
     return None
 
 

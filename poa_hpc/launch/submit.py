@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from poa_hpc.config import POAConfig, load_config, to_yaml
+from poa_hpc.errors import SubmitError
 from poa_hpc.launch.restarts import DEFAULT_MAX_RESTARTS
 from poa_hpc.launch.slurm import parse_time_minutes
 from poa_hpc.launch.status import EXIT_GAVE_UP, read_state
@@ -36,10 +37,6 @@ from poa_hpc.launch.status import EXIT_GAVE_UP, read_state
 log = logging.getLogger("poa_hpc.launch")
 
 __all__ = ["TrainTask", "add_submit_arguments", "submit", "SubmitError"]
-
-
-class SubmitError(RuntimeError):
-    """The job could not be submitted, or it failed; the message says why in Slurm's words."""
 
 
 class TrainTask:

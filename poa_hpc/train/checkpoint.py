@@ -27,16 +27,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Set
 
+from poa_hpc.errors import OutputWriteError  # noqa: F401  (re-exported for the engines)
+
 LAST = "last.pt"
 # A checkpoint written before the history existed: ``last.pt`` as a plain file (and ``last_dcp/``
 # for FSDP, ``deepspeed/latest`` for DeepSpeed).  It is resumed from when no step file exists.
 LEGACY_STEP = -1
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
-
-
-class OutputWriteError(RuntimeError):
-    """A checkpoint (or another file of the run folder) could not be written: disk full, quota,
-    read-only or unwritable folder.  The committed checkpoints are untouched; exit code 4."""
 
 
 def step_file(ckpt_dir: str | Path, step: int) -> Path:

@@ -29,6 +29,7 @@ from poa_hpc.config import ConfigError, POAConfig, flatten, to_dict, to_yaml
 from poa_hpc.data.loader import build_train_loader
 from poa_hpc.distributed.engines import build_engine
 from poa_hpc.distributed.env import all_reduce_mean, barrier, broadcast_object, gather_objects, init_distributed, shutdown
+from poa_hpc.errors import NonFiniteLossError, ResumeError
 from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
@@ -41,14 +42,6 @@ from poa_hpc.train.stop import StopRequest
 from poa_hpc.train.watchdog import CollapseWatchdog
 
 log = logging.getLogger("poa_hpc.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without touching the last checkpoint."""
-
-
-class ResumeError(ValueError):
-    """The checkpoint to resume from does not belong to this configuration."""
 
 
 # Keys that must not change across a resume: they define the parameters or the sampled sequence.
