@@ -57,7 +57,7 @@ def _torchrun(argv: List[str], max_restarts: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from poa_hpc.launch.status import FATAL_EXIT_CODES
+    from poa_hpc.errors import FATAL_EXIT_CODES
 
     try:
         run(parse_args(argv))

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from poa_hpc.errors import ConfigError
 from poa_hpc.models.registry import backbone_names, get_backbone
 
-__all__ = ["ConfigError", "POAConfig", "ModelConfig", "load_config", "from_dict", "to_dict", "to_yaml", "flatten"]
+__all__ = ["POAConfig", "ModelConfig", "load_config", "from_dict", "to_dict", "to_yaml", "flatten"]
 
 
 def _model_config_cls() -> type:

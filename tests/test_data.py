@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from poa_hpc.config import ConfigError, POAConfig
+from poa_hpc.errors import ConfigError
+from poa_hpc.config import POAConfig
 from poa_hpc.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,

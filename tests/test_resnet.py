@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from backbones import MODEL, tiny
 from poa_hpc.cli import main
-from poa_hpc.config import ConfigError, load_config
+from poa_hpc.errors import ConfigError
+from poa_hpc.config import load_config
 from poa_hpc.models.elastic import ElasticGroupNorm
 from poa_hpc.models.ops import elastic_conv2d
 from poa_hpc.models.registry import get_backbone

@@ -12,7 +12,8 @@ import torch
 from backbones import tiny
 from runs import RUN, SAME_AS_ONE_PROCESS, assert_same_run, assert_same_weights, train
 from poa_hpc.cli import main
-from poa_hpc.config import ConfigError, load_config
+from poa_hpc.errors import ConfigError
+from poa_hpc.config import load_config
 from poa_hpc.models.registry import get_backbone
 from poa_hpc.models.subnets import Subnet, SubnetSampler
 from poa_hpc.models.swin import SwinArch

@@ -41,9 +41,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from poa_hpc.config import ConfigError, flatten
+from poa_hpc.config import flatten
+from poa_hpc.errors import ConfigError, OutputWriteError
 from poa_hpc.distributed.env import DistContext, barrier, gather_objects
-from poa_hpc.train.checkpoint import (LEGACY_STEP, OutputWriteError, atomic_save, committed_steps,
+from poa_hpc.train.checkpoint import (LEGACY_STEP, atomic_save, committed_steps,
                                       describe_write_error, last_step, point_last, remove_path, retained, step_file)
 from poa_hpc.train.optim import clip_grad_norm_tensor
 

@@ -146,7 +146,7 @@ def _slurm_store(rank: int, world: int, timeout: datetime.timedelta, rendezvous_
                 tmp.write_text(json.dumps({"host": host, "port": port, "launch": ident}))
                 os.replace(tmp, published)
             except OSError as exc:
-                from poa_hpc.train.checkpoint import OutputWriteError
+                from poa_hpc.errors import OutputWriteError
 
                 raise OutputWriteError(f"the run folder could not be written (rank 0 publishes its port in "
                                        f"'{published.parent}'): {exc}") from None

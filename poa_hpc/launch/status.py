@@ -38,8 +38,7 @@ from typing import Dict, List, Optional, Tuple
 
 from poa_hpc.launch.slurm import job_id
 
-from poa_hpc.errors import (EXIT_CRASH, EXIT_GAVE_UP, EXIT_NONFINITE, EXIT_USAGE, EXIT_WRITE,  # noqa: F401
-                            FATAL_EXIT_CODES, PoaError)
+from poa_hpc.errors import EXIT_CRASH, EXIT_USAGE, PoaError
 
 STATUS_DIR = "status"
 

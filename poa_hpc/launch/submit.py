@@ -32,7 +32,8 @@ from poa_hpc.config import POAConfig, load_config, to_yaml
 from poa_hpc.errors import SubmitError
 from poa_hpc.launch.restarts import DEFAULT_MAX_RESTARTS
 from poa_hpc.launch.slurm import parse_time_minutes
-from poa_hpc.launch.status import EXIT_GAVE_UP, read_state
+from poa_hpc.errors import EXIT_GAVE_UP
+from poa_hpc.launch.status import read_state
 
 log = logging.getLogger("poa_hpc.launch")
 

@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Set
 
-from poa_hpc.errors import OutputWriteError  # noqa: F401  (re-exported for the engines)
 
 LAST = "last.pt"
 # A checkpoint written before the history existed: ``last.pt`` as a plain file (and ``last_dcp/``
