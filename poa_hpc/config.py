@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from poa_hpc.errors import ConfigError
+from poa_hpc.errors import ConfigError, UsageError
 from poa_hpc.models.registry import backbone_names, get_backbone
 
-__all__ = ["POAConfig", "ModelConfig", "load_config", "from_dict", "to_dict", "to_yaml", "flatten"]
+__all__ = ["POAConfig", "ModelConfig", "load_config", "packaged_config", "from_dict", "to_dict", "to_yaml", "flatten"]
 
 
 def _model_config_cls() -> type:
@@ -316,3 +316,13 @@ def to_yaml(cfg: POAConfig) -> str:
 def from_dict(d: dict) -> POAConfig:
     """Rebuild a config saved in a checkpoint (validated like a file)."""
     return load_config(base=d)
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a YAML shipped in ``configs/`` (installed as ``poa_hpc.configs``)."""
+    from importlib import resources
+
+    p = resources.files("poa_hpc.configs") / name
+    if not p.is_file():
+        raise UsageError(f"packaged config '{name}' not found")
+    return Path(str(p))

@@ -24,7 +24,7 @@ from poa_hpc.eval.pareto import pareto_front
 from poa_hpc.eval.plot import read_reference
 from poa_hpc.eval.sweep import CSV_COLUMNS, resolve_subnets, run_sweep, subsample_per_class
 from poa_hpc.models.registry import backbone_names, get_backbone
-from poa_hpc.train.checkpoint import atomic_save
+from poa_hpc.checkpoint.layout import atomic_save
 from poa_hpc.train.meta_arch import POA
 
 FAMILIES = backbone_names()
@@ -319,7 +319,7 @@ def test_bad_input_is_a_one_line_error(swept):
 def test_train_per_class_and_grouped_passes(swept, tmp_path):
     """--train-per-class subsamples the train split; features of more networks than fit in
     max_feature_gb are computed in several passes with the same results."""
-    from poa_hpc.cli import _load_teacher
+    from poa_hpc.train.load import load_teacher as _load_teacher
 
     cfg, backbone, step = _load_teacher(str(swept["run"]), "teacher")
     subs = swept["subs"][:2]
@@ -338,7 +338,7 @@ def test_sweep_on_an_imagenet_layout_folder(swept, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from poa_hpc.cli import _load_teacher
+    from poa_hpc.train.load import load_teacher as _load_teacher
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("val", 3)):
@@ -360,7 +360,7 @@ def test_sweep_on_an_imagenet_layout_folder(swept, tmp_path):
 
 
 def test_without_matplotlib_json_and_csv_are_written(swept, tmp_path, monkeypatch):
-    from poa_hpc.cli import _load_teacher
+    from poa_hpc.train.load import load_teacher as _load_teacher
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     cfg, backbone, _ = _load_teacher(str(swept["run"]), "teacher")

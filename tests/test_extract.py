@@ -12,7 +12,7 @@ from poa_hpc.models.extract import extract_state_dict, load_subnet
 from poa_hpc.models.registry import get_backbone
 from poa_hpc.models.subnets import Subnet, SubnetSampler
 from poa_hpc.models.vit import build_vit, count_params, vit_gflops, ViTArch
-from poa_hpc.train.checkpoint import atomic_save
+from poa_hpc.checkpoint.layout import atomic_save
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.config import to_dict
 

@@ -17,7 +17,7 @@ from backbones import tiny
 from poa_hpc.cli import main
 from poa_hpc.config import load_config
 from poa_hpc.train import trainer as trainer_mod
-from poa_hpc.train.checkpoint import atomic_save, load_checkpoint
+from poa_hpc.checkpoint.layout import atomic_save, load_checkpoint
 
 TINY = tiny("vit") + [
     "data.n_local=2",

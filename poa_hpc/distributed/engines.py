@@ -7,7 +7,7 @@ The trainer talks to one interface and knows nothing of POA's losses here:
 * ``backward(loss)``, ``clip_and_step(max_norm)``, ``update_teacher(m)``;
 * ``save(ckpt_dir, step, meta, keep_last, keep_every)`` / ``verify(ckpt_dir, step)`` /
   ``load(ckpt_dir, check, step)`` — a history of atomic, resumable checkpoints
-  (layout in :mod:`poa_hpc.train.checkpoint`); every engine's
+  (layout in :mod:`poa_hpc.checkpoint.layout`); every engine's
   ``checkpoints/step_XXXXXXXX.pt`` holds the full model weights (``last.pt``
   points to the newest), which is what ``poa extract`` reads.
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import warnings
@@ -44,9 +45,8 @@ import torch.nn as nn
 from poa_hpc.config import flatten
 from poa_hpc.errors import ConfigError, OutputWriteError
 from poa_hpc.distributed.env import DistContext, barrier, gather_objects
-from poa_hpc.train.checkpoint import (LEGACY_STEP, atomic_save, committed_steps,
+from poa_hpc.checkpoint.layout import (LEGACY_STEP, atomic_save, committed_steps,
                                       describe_write_error, last_step, point_last, remove_path, retained, step_file)
-from poa_hpc.train.optim import clip_grad_norm_tensor
 
 MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 log = logging.getLogger("poa_hpc.train")
@@ -74,6 +74,23 @@ def _check_step_file(path: Path) -> Optional[str]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
         return f"'{path}' is not a poa_hpc training checkpoint"
     return None
+
+
+def clip_grad_norm_tensor(params: Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Total L2 norm of the gradients (before clipping) as a 0-d tensor on their device (no host
+    synchronisation); clips if ``max_norm > 0``.
+
+    Uses the foreach kernels where torch supports them for the device (``foreach=None``:
+    CUDA uses them, other devices silently fall back).  Parameters without grad are ignored.
+    """
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if max_norm is not None and max_norm > 0 and math.isfinite(max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=None)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=None)
 
 
 class Engine:

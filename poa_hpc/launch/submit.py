@@ -47,7 +47,7 @@ class TrainTask:
         self.config_path = config_path
 
     def __call__(self) -> Dict[str, object]:
-        from poa_hpc.cli import setup_logging
+        from poa_hpc.distributed.env import setup_logging
         from poa_hpc.launch.run import run_training
         from poa_hpc.launch.status import classify_error, exit_rank
 

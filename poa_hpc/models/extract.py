@@ -115,3 +115,16 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def extract_to(backbone, subs, out: Path, single_file: bool, step: int, source: str, config: dict) -> list:
+    """Write each sub-network of ``subs`` of the elastic ``backbone`` as a poa_hpc safetensors file: ``out``
+    itself (``single_file``) or ``out/<family>_<sub>.safetensors``; ``config`` (the run's, as a dict) is recorded."""
+    paths = []
+    for sub in subs:
+        arch, state = extract_state_dict(backbone, sub)
+        path = out if single_file else out / f"{backbone.family}_{sub}.safetensors"
+        save_subnet(path, backbone.family, arch, state, width=sub.width, depth=sub.depth, step=step, source=source,
+                    config=config)
+        paths.append(path)
+    return paths

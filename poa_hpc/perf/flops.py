@@ -249,7 +249,7 @@ def count_step(cfg: POAConfig, sub: Optional[Subnet] = None, *, n_masked: Option
         model.student.zero_grad(set_to_none=False)
         if optimizer:
             opt = build_optimizer(model.student.named_parameters(), cfg)
-            from poa_hpc.train.optim import clip_grad_norm_tensor
+            from poa_hpc.distributed.engines import clip_grad_norm_tensor
 
             counts = _count(lambda: (clip_grad_norm_tensor(model.student.parameters(), cfg.optim.clip_grad),
                                      opt.step()))

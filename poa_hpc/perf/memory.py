@@ -36,7 +36,6 @@ tensors) around the step's activations measured with whole parameters.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import gc
@@ -46,15 +45,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
 from poa_hpc.config import POAConfig
 from poa_hpc.errors import ConfigError
-from poa_hpc.perf.fake import PhasedDispatchMode
+from poa_hpc.perf.fake import PhasedDispatchMode, fake_process_group
 from poa_hpc.models.subnets import Subnet
 
-__all__ = ["MemoryTracker", "estimate_memory", "MemoryReport", "estimate_memory_cli"]
+__all__ = ["MemoryTracker", "estimate_memory", "MemoryReport", "fake_step"]
 
 GiB = 2 ** 30
 
@@ -306,20 +304,6 @@ def cuda_autocast_policy():
 
 
 # ---------------------------------------------------------------------------- the fake step
-@contextlib.contextmanager
-def fake_process_group(world_size: int):
-    """A fake process group of ``world_size`` ranks (this process is rank 0; collectives do nothing)."""
-    if dist.is_initialized():
-        raise ConfigError("poa estimate memory runs its own fake process group; call it outside a distributed run")
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def estimate_memory(cfg: POAConfig, world_size: int = 1, *, engine: Optional[str] = None,
                     sub: Optional[Subnet] = None, n_masked: Optional[int] = None, target: str = "cuda",
                     ibot: bool = True, batch_size: Optional[int] = None) -> MemoryReport:
@@ -351,7 +335,7 @@ def estimate_memory(cfg: POAConfig, world_size: int = 1, *, engine: Optional[str
     if engine == "deepspeed":
         return _deepspeed(cfg, world_size, sub, M, target, ibot)
     with fake_process_group(world_size) if engine == "fsdp" else contextlib.nullcontext():
-        return _fake_step(cfg, world_size, engine, sub, M, target, ibot)
+        return fake_step(cfg, world_size, engine, sub, M, target, ibot)
 
 
 def _largest_drawn(space) -> Subnet:
@@ -359,7 +343,7 @@ def _largest_drawn(space) -> Subnet:
     return max(space.weights(), key=lambda s: (s.width, s.depth if isinstance(s.depth, int) else sum(s.depth)))
 
 
-def _fake_step(cfg: POAConfig, world_size: int, engine_name: str, sub: Optional[Subnet], n_masked: int,
+def fake_step(cfg: POAConfig, world_size: int, engine_name: str, sub: Optional[Subnet], n_masked: int,
                target: str, ibot: bool, modes: tuple = ()) -> MemoryReport:
     """One step on fake tensors under a :class:`MemoryTracker`; ``modes``: more dispatch modes to run the step's
     ops through (e.g. :class:`poa_hpc.perf.comm.CommCounter`), entered inside the tracker."""
@@ -470,7 +454,7 @@ def _deepspeed(cfg: POAConfig, world_size: int, sub: Optional[Subnet], n_masked:
     (stage 3: 1/N of them plus one gathered block), fp32 gradients (stage >= 2: 1/N plus DeepSpeed's reduce bucket),
     AdamW's moments and fp32 partition (1/N), the teacher (stage 3: 1/N)."""
     stage = int(cfg.dist.zero_stage)
-    base = _fake_step(cfg, 1, "none", sub, n_masked, target, ibot)
+    base = fake_step(cfg, 1, "none", sub, n_masked, target, ibot)
     n, t = base.info["student_params"], base.info["teacher_params"]
     N = world_size
     ds = dict(cfg.dist.deepspeed.get("zero_optimization", {})) if isinstance(cfg.dist.deepspeed, dict) else {}
@@ -491,38 +475,3 @@ def _deepspeed(cfg: POAConfig, world_size: int, sub: Optional[Subnet], n_masked:
     report.info.update({"engine": f"deepspeed (ZeRO-{stage}, states analytic)", "world_size": N,
                         "reduce_bucket_elements": bucket})
     return report
-
-
-# ---------------------------------------------------------------------------- CLI
-def estimate_memory_cli(argv: List[str]) -> int:
-    import time
-
-    from poa_hpc.bench.common import write_result
-    from poa_hpc.perf.cli import _common, _config, _sub
-
-    p = argparse.ArgumentParser(prog="poa estimate memory", description="Peak device memory per rank of one POA step "
-                                "(fake tensors, fake process group, the real engine), with its breakdown.")
-    _common(p)
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--engine", choices=("fsdp", "deepspeed", "none"), help="default: fsdp (none for world size 1)")
-    p.add_argument("--sub", help="elastic sub-network WxD or a named size (default: the largest eq. 14 draws)")
-    p.add_argument("--masked", type=int, help="masked patches on this rank (default: mean + 4 sigma of DINOv2's plan)")
-    p.add_argument("--target", choices=("cuda", "cpu"), default="cuda", help="device semantics (default: cuda)")
-    p.add_argument("--no-ibot", action="store_true", help="a step before iBOT starts")
-    args = p.parse_args(argv)
-    cfg = _config(args)
-    sub = _sub(args.sub, cfg)
-    t0 = time.perf_counter()
-    rep = estimate_memory(cfg, args.world_size, engine=args.engine, sub=sub, n_masked=args.masked,
-                          target=args.target, ibot=not args.no_ibot)
-    i = rep.info
-    print(f"Predicted peak memory per rank ({i['target']} semantics; a prediction on fake tensors): {cfg.model.arch}, "
-          f"{i['engine']} on {i['world_size']} ranks, batch {i['batch_per_rank']}/rank, elastic {i['sub']}, "
-          f"{i['n_masked']} masked patches, {'bf16' if i['bf16'] else 'fp32'}, attention: {i['attention_kernel']}, "
-          f"activation checkpointing {'on' if i['activation_checkpointing'] else 'off'}")
-    print(rep.table())
-    print(f"peak in: {rep.peak_phase}  ({time.perf_counter() - t0:.0f} s)")
-    write_result("memory", [{"part": k, "bytes": v} for k, v in rep.breakdown.items()], args.out,
-                 {"config": args.config, "overrides": args.overrides, **rep.to_dict()},
-                 device=f"none (fake tensors, {args.target} semantics)")
-    return 0

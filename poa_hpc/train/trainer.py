@@ -34,7 +34,7 @@ from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
 from poa_hpc.perf.timing import StepTimer
-from poa_hpc.train.checkpoint import LAST, LEGACY_STEP, point_last, set_aside, step_file
+from poa_hpc.checkpoint.layout import LAST, LEGACY_STEP, point_last, set_aside, step_file
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.schedules import build_schedules, phase_steps
