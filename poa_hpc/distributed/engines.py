@@ -44,8 +44,9 @@ import torch.nn as nn
 
 from poa_hpc.config import flatten
 from poa_hpc.errors import ConfigError, OutputWriteError
+from poa_hpc.files import atomic_write_text
 from poa_hpc.distributed.env import DistContext, barrier, gather_objects
-from poa_hpc.checkpoint.layout import (LEGACY_STEP, atomic_save, committed_steps,
+from poa_hpc.checkpoint.layout import (atomic_save, committed_steps,
                                       describe_write_error, last_step, point_last, remove_path, retained, step_file)
 
 MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optimizer]
@@ -152,7 +153,7 @@ class Engine:
         return []
 
     def _states_on_disk(self, ckpt_dir: Path) -> List[Tuple[Optional[int], Path]]:
-        """(step, path) of every resume state folder present; step ``None`` for a legacy layout's."""
+        """(step, path) of every resume state folder present (``None``: a folder of no step)."""
         return []
 
     def _write_phase(self, ckpt_dir: Path, step: int, fn: Optional[Callable[[], object]]) -> None:
@@ -215,9 +216,9 @@ class Engine:
 
     def prune(self, ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> List[int]:
         """Delete the committed steps :func:`retained` does not keep (step file first: uncommit, then
-        the state), leftovers of interrupted saves and the legacy layout's state; returns the deleted steps."""
+        the state) and leftovers of interrupted saves; returns the deleted steps."""
         ckpt_dir = Path(ckpt_dir)
-        steps = [s for s in committed_steps(ckpt_dir) if s != LEGACY_STEP]
+        steps = committed_steps(ckpt_dir)
         if not steps:
             return []
         keep = retained(steps, keep_last, keep_every, protect=[last_step(ckpt_dir)])
@@ -227,18 +228,15 @@ class Engine:
             for p in self._state_paths(ckpt_dir, s):
                 remove_path(p)
         for s, p in self._states_on_disk(ckpt_dir):
-            if s not in keep:  # not committed (an interrupted save), or a legacy layout's state
+            if s not in keep:  # not committed (an interrupted save)
                 remove_path(p)
         for p in ckpt_dir.glob("*.tmp"):
             remove_path(p)
         return dropped
 
     def checkpoint_steps(self, ckpt_dir: Path) -> List[int]:
-        """Committed checkpoints, newest first (``[LEGACY_STEP]`` for a run folder of the old layout)."""
+        """Committed checkpoints, newest first."""
         return committed_steps(ckpt_dir)
-
-    def has_checkpoint(self, ckpt_dir: Path) -> bool:
-        return bool(self.checkpoint_steps(ckpt_dir))
 
     def checkpoint_path(self, ckpt_dir: Path, step: int) -> Path:
         """What to name in messages about the checkpoint of ``step``."""
@@ -323,7 +321,6 @@ class FSDPEngine(Engine):
     """``fsdp``: FSDP2 ``fully_shard`` over blocks, heads and backbones of student and teacher."""
 
     name = "fsdp"
-    DCP_DIR = "last_dcp"
     #: device mesh to shard over (None: FSDP2's default, the whole world); set by ``poa estimate memory``
     mesh = None
 
@@ -391,11 +388,6 @@ class FSDPEngine(Engine):
         return {"step": step, "model": full, **meta} if self.ctx.is_main else None
 
     def _dcp_dir(self, ckpt_dir: Path, step: int) -> Path:
-        if step == LEGACY_STEP:  # the layout before the history: last_dcp/ (or last_dcp.old/ after a crash)
-            for name in (self.DCP_DIR, self.DCP_DIR + ".old"):
-                if (Path(ckpt_dir) / name / "meta.json").is_file():
-                    return Path(ckpt_dir) / name
-            return Path(ckpt_dir) / self.DCP_DIR
         return Path(ckpt_dir) / f"step_{step:08d}_dcp"
 
     def _save_state(self, ckpt_dir: Path, step: int, meta: dict) -> None:
@@ -427,8 +419,6 @@ class FSDPEngine(Engine):
                 m = re.match(r"^step_(\d{8,})_dcp$", p.name)
                 if m:
                     out.append((int(m.group(1)), p))
-                elif p.name in (self.DCP_DIR, self.DCP_DIR + ".old"):
-                    out.append((None, p))
         return out
 
     def checkpoint_path(self, ckpt_dir: Path, step: int) -> Path:
@@ -456,7 +446,7 @@ class FSDPEngine(Engine):
             if size < end:
                 return (f"sharded checkpoint '{d}' is incomplete: '{rel}' is "
                         + ("missing" if size < 0 else f"{size} bytes, its metadata needs {end}"))
-        return _check_step_file(step_file(ckpt_dir, step)) if step != LEGACY_STEP else None
+        return _check_step_file(step_file(ckpt_dir, step))
 
     def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None,
              step: Optional[int] = None) -> dict:
@@ -584,9 +574,6 @@ class DeepSpeedEngine(Engine):
 
     def _tag_dir(self, ckpt_dir: Path, step: int) -> Path:
         d = Path(ckpt_dir) / self.DS_DIR
-        if step == LEGACY_STEP:  # the layout before the history: the tag named by deepspeed/latest
-            latest = d / "latest"
-            return d / (latest.read_text().strip() if latest.is_file() else "latest")
         return d / f"step{step:08d}"
 
     def _save_state(self, ckpt_dir: Path, step: int, meta: dict) -> None:
@@ -610,9 +597,7 @@ class DeepSpeedEngine(Engine):
 
     def _committed(self, ckpt_dir: Path, step: int) -> None:
         d = Path(ckpt_dir) / self.DS_DIR  # DeepSpeed's own pointer (zero_to_fp32.py reads it)
-        tmp = d / "latest.tmp"
-        tmp.write_text(self._tag_dir(ckpt_dir, step).name)
-        os.replace(tmp, d / "latest")
+        atomic_write_text(d / "latest", self._tag_dir(ckpt_dir, step).name)
 
     def _state_paths(self, ckpt_dir: Path, step: int) -> List[Path]:
         return [self._tag_dir(ckpt_dir, step)]
@@ -622,12 +607,6 @@ class DeepSpeedEngine(Engine):
         if not d.is_dir():
             return []
         return [(int(p.name[4:]), p) for p in d.iterdir() if re.match(r"^step\d{8,}$", p.name) and p.is_dir()]
-
-    def checkpoint_steps(self, ckpt_dir: Path) -> List[int]:
-        steps = committed_steps(ckpt_dir)
-        if steps == [LEGACY_STEP] and not (Path(ckpt_dir) / self.DS_DIR / "latest").is_file():
-            return []
-        return steps
 
     def checkpoint_path(self, ckpt_dir: Path, step: int) -> Path:
         return self._tag_dir(ckpt_dir, step)
@@ -643,7 +622,7 @@ class DeepSpeedEngine(Engine):
                 torch.load(f, map_location="cpu", weights_only=False, mmap=True)
             except Exception as exc:
                 return f"DeepSpeed checkpoint file {_read_error(f, exc)}"
-        return _check_step_file(step_file(ckpt_dir, step)) if step != LEGACY_STEP else None
+        return _check_step_file(step_file(ckpt_dir, step))
 
     def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None,
              step: Optional[int] = None) -> dict:

@@ -148,10 +148,9 @@ def _slurm_store(rank: int, world: int, timeout: datetime.timedelta, rendezvous_
                                   master_listen_fd=sock.detach())
             store.set(_LAUNCH_KEY, ident)
             try:
-                published.parent.mkdir(parents=True, exist_ok=True)
-                tmp = published.with_name(published.name + ".tmp")
-                tmp.write_text(json.dumps({"host": host, "port": port, "launch": ident}))
-                os.replace(tmp, published)
+                from poa_hpc.files import atomic_write_text
+
+                atomic_write_text(published, json.dumps({"host": host, "port": port, "launch": ident}))
             except OSError as exc:
                 from poa_hpc.errors import OutputWriteError
 

@@ -17,7 +17,6 @@ def _subnets_of_checkpoints(args: argparse.Namespace, tmp: Path) -> List[str]:
     from poa_hpc.config import to_dict
     from poa_hpc.models.extract import extract_to
     from poa_hpc.models.registry import get_backbone
-    from poa_hpc.models.subnets import Subnet
     from poa_hpc.train.load import load_teacher
 
     files = []
@@ -30,13 +29,11 @@ def _subnets_of_checkpoints(args: argparse.Namespace, tmp: Path) -> List[str]:
         cfg, backbone, step = load_teacher(src, "teacher", args.step)
         spec = get_backbone(cfg.model.arch)
         space, named = spec.space(cfg.model.section), spec.named_sizes(cfg.model.section)
-        subs = [named[x] if x in named else Subnet.parse(x) for x in args.subnet] if args.subnet else [
-            min(space.all()), space.intact]
-        for sub in subs:
-            try:
-                space.check(sub)
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
+        try:
+            subs = [s for x in args.subnet for s in space.resolve(x, named)] if args.subnet else [
+                min(space.all()), space.intact]
+        except ValueError as exc:
+            raise UsageError(f"--subnet {exc}") from None
         out = tmp / f"{i}_step{step}"
         files += [str(p) for p in extract_to(backbone, subs, out, False, step, f"{src}@step{step}", to_dict(cfg))]
     return files

@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence
 from poa_hpc.errors import EXIT_GAVE_UP, EXIT_USAGE, FATAL_EXIT_CODES, SlurmError
 from poa_hpc.launch.slurm import job_id, requeue_job
 from poa_hpc.launch.status import clear_rank_reports, rank_reports, read_state, write_state
-from poa_hpc.checkpoint.layout import LEGACY_STEP, newest_step
+from poa_hpc.checkpoint.layout import newest_step
 
 DEFAULT_MAX_RESTARTS = 3
 
@@ -55,7 +55,7 @@ def _say(text: str) -> None:
 
 
 def _step_text(step: Optional[int]) -> str:
-    return "none" if step is None else "last.pt" if step == LEGACY_STEP else f"step {step}"
+    return "none" if step is None else f"step {step}"
 
 
 def _signal_text(code: int) -> str:

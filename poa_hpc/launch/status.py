@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 from poa_hpc.launch.slurm import job_id
 
 from poa_hpc.errors import EXIT_CRASH, EXIT_USAGE, PoaError
+from poa_hpc.files import atomic_write_text
 
 STATUS_DIR = "status"
 
@@ -48,10 +49,7 @@ def status_dir(run_dir: str | Path) -> Path:
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def read_json(path: Path) -> Optional[dict]:

@@ -28,11 +28,10 @@ def subnets_from_args(args: argparse.Namespace, space, named=None) -> List:
 
     if args.all:
         return space.all()
-    named = named or {}
     try:
-        subs = [named[s] if s in named else Subnet.parse(s) for s in (args.subnet or [])]
+        subs = [sub for s in (args.subnet or []) for sub in space.resolve(s, named)]
     except ValueError as exc:
-        raise UsageError(f"{exc} or a named size ({', '.join(named) or 'none in this space'})") from None
+        raise UsageError(f"--subnet {exc}") from None
     if args.width is not None or args.depth is not None:
         if args.width is None or args.depth is None:
             raise UsageError("--width and --depth go together")
@@ -165,13 +164,14 @@ class SubnetsCommand:
     def run(args: argparse.Namespace) -> int:
         from poa_hpc.config import load_config
         from poa_hpc.models.registry import get_backbone
+        from poa_hpc.models.subnets import depth_str
 
         cfg = load_config(args.config, args.overrides)
         spec, arch = get_backbone(cfg.model.arch), cfg.model.section
         space = spec.space(arch)
         probs = space.probabilities()
         names = {sub: name for name, sub in spec.named_sizes(arch).items()}
-        depths = [str(d) if not isinstance(d, tuple) else "-".join(map(str, d)) for d in space.depths]
+        depths = [depth_str(d) for d in space.depths]
         shown = depths if len(depths) <= 16 else depths[:4] + ["..."] + depths[-2:]
         print(f"{cfg.model.arch}: {len(space)} sub-networks: widths {list(space.widths)}, "
               f"{len(depths)} depths {', '.join(shown)}; pool of {sum(space.weights().values())} (eq. 14, s={space.s})")

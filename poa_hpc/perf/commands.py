@@ -40,12 +40,13 @@ def subnet_arg(text: Optional[str], cfg: POAConfig) -> Optional[Subnet]:
     from poa_hpc.models.registry import get_backbone
 
     spec = get_backbone(cfg.model.arch)
-    named = spec.named_sizes(cfg.model.section)
     try:
-        sub = named[text] if text in named else Subnet.parse(text)
-        return spec.space(cfg.model.section).check(sub)
+        subs = spec.space(cfg.model.section).resolve(text, spec.named_sizes(cfg.model.section))
     except ValueError as exc:
         raise ConfigError(f"--sub: {exc}") from None
+    if len(subs) != 1:
+        raise ConfigError(f"--sub {text!r}: expected one sub-network")
+    return subs[0]
 
 
 def peak_arg(text: str) -> tuple:

@@ -340,7 +340,7 @@ def elastic_counter(cfg: POAConfig, *, n_masked: Optional[int] = None, ibot: boo
     def count(sub: Subnet) -> int:
         def run():
             out = model.student_outputs(inp, sub, ibot)
-            loss, _ = model._branch_loss(out, targets, inp, ibot, 1 - cfg.loss.lam, same_view)
+            loss, _ = model.branch_loss(out, targets, inp, ibot, 1 - cfg.loss.lam, same_view)
             loss.backward()
 
         with memo, attention_kernel(attention):
