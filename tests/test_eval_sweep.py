@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from backbones import tiny
+from poa_hpc.checkpoint.layout import atomic_save
 from poa_hpc.cli import main
 from poa_hpc.config import load_config, to_dict
 from poa_hpc.eval.linear import cosine_lr, linear_probe, probe_features
@@ -24,7 +25,6 @@ from poa_hpc.eval.pareto import pareto_front
 from poa_hpc.eval.plot import read_reference
 from poa_hpc.eval.sweep import CSV_COLUMNS, resolve_subnets, run_sweep, subsample_per_class
 from poa_hpc.models.registry import backbone_names, get_backbone
-from poa_hpc.checkpoint.layout import atomic_save
 from poa_hpc.train.meta_arch import POA
 
 FAMILIES = backbone_names()
@@ -250,7 +250,7 @@ def test_sweep_knn_equals_eval_knn_on_extracted_files(swept):
 
 
 def test_sweep_files_have_one_row_per_subnet(swept):
-    family, subs, space = swept["family"], swept["subs"], swept["space"]
+    family, subs = swept["family"], swept["subs"]
     out = swept["run"] / "eval"
     with (out / "sweep.csv").open() as f:
         reader = csv.DictReader(f)

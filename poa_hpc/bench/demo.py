@@ -183,10 +183,10 @@ def run_recipe(name: str, overrides: Sequence[str], config: Path, workdir: Path,
     """Train one recipe from scratch and measure it; returns its row."""
     import torch
 
-    from poa_hpc.train.load import load_teacher
     from poa_hpc.config import load_config
     from poa_hpc.eval.sweep import run_sweep
     from poa_hpc.models.registry import get_backbone
+    from poa_hpc.train.load import load_teacher
     from poa_hpc.train.trainer import train
 
     out_dir = workdir / name
@@ -361,7 +361,7 @@ class DemoCommand:
             print()
             print(format_table(rows, f"weighted k-NN on {cfg.data.dataset} val, sub-networks {label}"))
 
-        print(f"\nevery sub-network of the trained teacher (k-NN and linear probe):")
+        print("\nevery sub-network of the trained teacher (k-NN and linear probe):")
         sweep_dir = out / "sweep"
         rows = run_sweep(cfg, trained_backbone, space.all(), sweep_dir, source=f"{summary['checkpoint']}:teacher",
                          step=step, epochs=args.linear_epochs, device="cpu", progress=False)

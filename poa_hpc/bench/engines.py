@@ -28,6 +28,7 @@ from typing import List
 from poa_hpc.commands import register_command
 from poa_hpc.results import write_result
 
+
 def models() -> dict:
     """Benchmark presets of every registered backbone family: name -> (packaged config, overrides)."""
     from poa_hpc.models.registry import backbone_names, get_backbone

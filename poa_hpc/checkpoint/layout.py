@@ -29,7 +29,6 @@ from typing import Any, Iterable, List, Optional, Set
 from poa_hpc.errors import ResumeError
 from poa_hpc.files import atomic_write, fsync_dir
 
-
 LAST = "last.pt"
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 

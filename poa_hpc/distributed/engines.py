@@ -42,12 +42,20 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from poa_hpc.checkpoint.layout import (
+    atomic_save,
+    committed_steps,
+    describe_write_error,
+    last_step,
+    point_last,
+    remove_path,
+    retained,
+    step_file,
+)
 from poa_hpc.config import flatten
+from poa_hpc.distributed.env import DistContext, barrier, gather_objects
 from poa_hpc.errors import ConfigError, OutputWriteError
 from poa_hpc.files import atomic_write_text
-from poa_hpc.distributed.env import DistContext, barrier, gather_objects
-from poa_hpc.checkpoint.layout import (atomic_save, committed_steps,
-                                      describe_write_error, last_step, point_last, remove_path, retained, step_file)
 
 MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 log = logging.getLogger("poa_hpc.train")
@@ -197,7 +205,7 @@ class Engine:
         payload = self._step_payload(step, meta)
 
         def commit() -> None:
-            atomic_save(payload, path)
+            atomic_save(payload, path)  # noqa: F821 (deleted after the write phase, not before)
             self._committed(ckpt_dir, step)
             point_last(ckpt_dir, step)
 

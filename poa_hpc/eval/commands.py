@@ -177,7 +177,7 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
         print(f"linear probe: {n_img:,} images ({len(train):,} train + {len(val):,} val, {cfg.data.dataset} at "
               f"{img_size} px) x {len(models)} networks = {n_img * len(models):,} forward passes "
               f"(~{n_img * sum(c[2] for c in costs):,.0f} GFLOPs); learning rates {list(lrs)}, best on val")
-        extractors = [lambda x, m=m.to(device): m(x, features=True) for _, m in models]
+        extractors = [lambda x, m=m.to(device): m(x, features=True) for _, m in models]  # noqa: B008
         results = evaluate_networks(extractors, train, val, num_classes, feature_dims=dims, knn=None, linear=True,
                                     lrs=lrs, epochs=args.linear_epochs, seed=args.seed, batch_size=args.batch_size,
                                     num_workers=cfg.data.num_workers, device=device,

@@ -42,10 +42,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from poa_hpc.checkpoint.layout import newest_step
 from poa_hpc.errors import EXIT_GAVE_UP, EXIT_USAGE, FATAL_EXIT_CODES, SlurmError
 from poa_hpc.launch.slurm import job_id, requeue_job
 from poa_hpc.launch.status import clear_rank_reports, rank_reports, read_state, write_state
-from poa_hpc.checkpoint.layout import newest_step
 
 DEFAULT_MAX_RESTARTS = 3
 

@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from poa_hpc.launch.slurm import job_id
-
 from poa_hpc.errors import EXIT_CRASH, EXIT_USAGE, PoaError
 from poa_hpc.files import atomic_write_text
+from poa_hpc.launch.slurm import job_id
 
 STATUS_DIR = "status"
 
@@ -68,7 +67,7 @@ class RankReport:
                      "host": socket.gethostname(), "pid": os.getpid()}
 
     @classmethod
-    def for_run(cls, run_dir: str | Path) -> Optional["RankReport"]:
+    def for_run(cls, run_dir: str | Path) -> Optional[RankReport]:
         """This process's report in a Slurm job (torchrun's ``RANK`` or srun's ``SLURM_PROCID``); else ``None``."""
         jid = job_id()
         if not jid:

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from poa_hpc.config import POAConfig, load_config, to_yaml
-from poa_hpc.errors import SubmitError
+from poa_hpc.errors import EXIT_GAVE_UP, SubmitError
 from poa_hpc.files import atomic_write_text
 from poa_hpc.launch.restarts import DEFAULT_MAX_RESTARTS
 from poa_hpc.launch.slurm import parse_time_minutes
-from poa_hpc.errors import EXIT_GAVE_UP
 from poa_hpc.launch.status import read_state
 
 log = logging.getLogger("poa_hpc.launch")

@@ -45,7 +45,7 @@ class Subnet:
         return f"{self.width}x{depth_str(self.depth)}"
 
     @classmethod
-    def parse(cls, text: str) -> "Subnet":
+    def parse(cls, text: str) -> Subnet:
         """``WIDTHxDEPTH`` (``384x12``) or ``WIDTHxD1-D2-...`` for per-stage depths (``64x3-4-6-3``)."""
         try:
             w, d = text.lower().split("x")

@@ -84,8 +84,7 @@ def ring_factor(kind: str, n: int) -> float:
 def step_collectives(cfg: POAConfig, world_size: int, engine: str = "fsdp", *, sub=None,
                      n_masked: Optional[int] = None, ibot: bool = True) -> List[Collective]:
     """The collectives of one step on one rank (sizes S) for ``engine`` at ``world_size``."""
-    from poa_hpc.perf.fake import masked_tokens
-    from poa_hpc.perf.fake import fake_process_group
+    from poa_hpc.perf.fake import fake_process_group, masked_tokens
     from poa_hpc.perf.memory import fake_step
 
     M = masked_tokens(cfg) if n_masked is None else int(n_masked)

@@ -16,10 +16,10 @@ import time
 from typing import Dict, Optional
 
 from poa_hpc.commands import register_command
-from poa_hpc.results import write_result
 from poa_hpc.config import POAConfig, load_config
 from poa_hpc.errors import ConfigError
 from poa_hpc.models.subnets import Subnet
+from poa_hpc.results import write_result
 
 __all__ = ["add_common_arguments", "config_of", "subnet_arg", "peak_arg"]
 
@@ -223,8 +223,8 @@ def add_comm_arguments(p: argparse.ArgumentParser) -> None:
 def estimate_comm_cmd(args: argparse.Namespace) -> int:
     from collections import defaultdict
 
-    from poa_hpc.perf.comm import per_rank_bytes, scaling_table, step_collectives
     from poa_hpc.models.registry import get_backbone
+    from poa_hpc.perf.comm import per_rank_bytes, scaling_table, step_collectives
     from poa_hpc.perf.flops import expected_max, expected_step
     if args.link_gbps <= 0 or not 0 < args.mfu <= 1 or args.world_size < 2 or min(args.world_sizes) < 2:
         raise ConfigError("--link-gbps must be > 0, --mfu in (0, 1], world sizes >= 2")

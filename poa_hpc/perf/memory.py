@@ -49,8 +49,8 @@ from torch.utils._pytree import tree_flatten
 
 from poa_hpc.config import POAConfig
 from poa_hpc.errors import ConfigError
-from poa_hpc.perf.fake import PhasedDispatchMode, fake_process_group
 from poa_hpc.models.subnets import Subnet
+from poa_hpc.perf.fake import PhasedDispatchMode, fake_process_group
 
 __all__ = ["MemoryTracker", "estimate_memory", "MemoryReport", "fake_step"]
 
@@ -197,7 +197,7 @@ class MemoryTracker(PhasedDispatchMode):
     def category(self, aid: int) -> str:
         return self.kind.get(aid) or f"activations/temporaries, {self.label[aid]}"
 
-    def replay(self, start: int = 0) -> "MemoryReport":
+    def replay(self, start: int = 0) -> MemoryReport:
         """Peak and its breakdown over the events from ``start`` (with the labels known now)."""
         by: Dict[str, int] = {}
         total = peak = 0

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def profile(args: argparse.Namespace) -> int:
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
 
     from poa_hpc.config import load_config
     from poa_hpc.data.loader import build_train_loader

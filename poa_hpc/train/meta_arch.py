@@ -119,7 +119,7 @@ class StepInputs:
     masks_weight: torch.Tensor  # (M,)
 
     @classmethod
-    def from_batch(cls, batch: Dict[str, torch.Tensor], device: torch.device) -> "StepInputs":
+    def from_batch(cls, batch: Dict[str, torch.Tensor], device: torch.device) -> StepInputs:
         local = batch.get("local_crops")
         return cls(
             global_crops=batch["global_crops"].to(device, non_blocking=True),

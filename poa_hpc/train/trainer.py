@@ -25,17 +25,24 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from poa_hpc.checkpoint.layout import LAST, point_last, set_aside, step_file
 from poa_hpc.config import POAConfig, flatten, to_dict, to_yaml
 from poa_hpc.data.loader import build_train_loader
 from poa_hpc.distributed.engines import build_engine
-from poa_hpc.distributed.env import all_reduce_mean, barrier, broadcast_object, gather_objects, init_distributed, shutdown
-from poa_hpc.files import atomic_write_text
+from poa_hpc.distributed.env import (
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    shutdown,
+)
 from poa_hpc.errors import ConfigError, NonFiniteLossError, OutputWriteError, ResumeError
+from poa_hpc.files import atomic_write_text
 from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
 from poa_hpc.perf.timing import StepTimer
-from poa_hpc.checkpoint.layout import LAST, point_last, set_aside, step_file
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.schedules import build_schedules, phase_steps
