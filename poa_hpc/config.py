@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from poa_hpc.distributed.registry import engine_names
 from poa_hpc.errors import ConfigError, UsageError
 from poa_hpc.models.registry import backbone_names, get_backbone
 
@@ -190,7 +191,7 @@ _CHOICES = {
     "data.loader": ("torch", "dali", "dali_cpu"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("auto", "bf16", "none"),
-    "dist.engine": ("none", "ddp", "fsdp", "deepspeed"),
+    "dist.engine": engine_names(),
     "dist.zero_stage": (1, 2, 3),
 }
 

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from poa_hpc.distributed.registry import engine_class, engine_names, get_engine
+
 ROOT = Path(__file__).resolve().parents[1] / "poa_hpc"
 
 # Low to high: a module may import its own layer and the layers below it.  The longest matching
 # prefix decides a module's layer.  A `commands` module (one registering `poa` subcommands) is an entry
 # point: it sits at the top with the `poa` command itself, and nothing but `poa_hpc.cli` imports it.
 LAYERS = [
-    ["poa_hpc", "poa_hpc.errors", "poa_hpc.commands", "poa_hpc.results", "poa_hpc.files"],  # no dependencies
+    ["poa_hpc", "poa_hpc.errors", "poa_hpc.commands", "poa_hpc.results", "poa_hpc.files",
+     "poa_hpc.distributed.registry"],                          # no dependencies (the engine registry: names only)
     ["poa_hpc.kernels"],                                        # kernels know nothing of POA
     ["poa_hpc.models", "poa_hpc.losses"],                       # the model knows nothing of engines
     ["poa_hpc.config"],
@@ -177,3 +180,26 @@ def test_every_command_has_help():
             parser.parse_args([*words, "--help"])
         assert exc.value.code == 0, words
 
+
+
+@pytest.mark.parametrize("name", engine_names())
+def test_engine_contract(name):
+    """Every registered engine: its class loads and carries the name, the config accepts it, the estimators and
+    the bench derive their choices from the registry."""
+    from poa_hpc.config import load_config
+    from poa_hpc.distributed.engines import Engine
+    from poa_hpc.perf.comm import comm_engines
+    from poa_hpc.perf.memory import memory_engines
+
+    spec = get_engine(name)
+    cls = engine_class(name)
+    assert issubclass(cls, Engine) and cls.name == name
+    assert load_config("configs/demo_cpu.yaml", [f"dist.engine={name}"]).dist.engine == name
+    assert (name in memory_engines()) == bool(spec.memory)
+    assert (name in comm_engines()) == (spec.distributed and bool(spec.comm))
+    for variant in spec.variants:
+        base, _, suffix = variant.partition(":")
+        assert base == name
+        load_config("configs/demo_cpu.yaml", [f"dist.engine={name}", *spec.variant_overrides(suffix)])
+    shard = spec.sharding(load_config("configs/demo_cpu.yaml", [f"dist.engine={name}"]).dist)
+    assert not (shard.params and not shard.grads) and not (shard.grads and not shard.optimizer)  # ZeRO's nesting

@@ -37,11 +37,10 @@ def models() -> dict:
 
 
 def _engine_overrides(engine: str) -> List[str]:
-    name, _, stage = engine.partition(":")
-    out = [f"dist.engine={name}"]
-    if name == "deepspeed":
-        out.append(f"dist.zero_stage={stage or 2}")
-    return out
+    from poa_hpc.distributed.registry import get_engine
+
+    name, _, suffix = engine.partition(":")
+    return [f"dist.engine={name}", *get_engine(name).variant_overrides(suffix)]
 
 
 # ---------------------------------------------------------------------------- worker
@@ -121,7 +120,10 @@ def worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- driver
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=["vit_b", "vit_l"], choices=sorted(models()))
-    p.add_argument("--engines", nargs="+", default=["ddp", "fsdp", "deepspeed:2", "deepspeed:3"])
+    from poa_hpc.distributed.registry import engine_names, get_engine
+
+    p.add_argument("--engines", nargs="+", default=[v for n in engine_names() for v in get_engine(n).variants],
+                   help="registered engines, NAME or NAME:VARIANT (deepspeed:3: ZeRO stage 3)")
     p.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
     p.add_argument("--batch", type=int, default=32, help="images per rank")
     p.add_argument("--steps", type=int, default=10)

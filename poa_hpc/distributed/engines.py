@@ -54,6 +54,7 @@ from poa_hpc.checkpoint.layout import (
 )
 from poa_hpc.config import flatten
 from poa_hpc.distributed.env import DistContext, barrier, gather_objects
+from poa_hpc.distributed.registry import engine_class
 from poa_hpc.errors import ConfigError, OutputWriteError
 from poa_hpc.files import atomic_write_text
 
@@ -650,11 +651,8 @@ class DeepSpeedEngine(Engine):
         return meta
 
 
-ENGINES = {"none": Engine, "ddp": ReplicatedEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}
-
-
 def build_engine(dist_cfg, ctx: DistContext, amp: str, clip_grad: float = 0.0, micro_batch: int = 1) -> Engine:
     if dist_cfg.engine == "none" and ctx.world_size > 1:
         raise ConfigError(f"key 'dist.engine': 'none' runs one process, but WORLD_SIZE={ctx.world_size}; "
                          f"use dist.engine=ddp or fsdp")
-    return ENGINES[dist_cfg.engine](dist_cfg, ctx, amp, clip_grad, micro_batch)
+    return engine_class(dist_cfg.engine)(dist_cfg, ctx, amp, clip_grad, micro_batch)

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from poa_hpc.config import POAConfig
+from poa_hpc.distributed.registry import engine_names, get_engine
 from poa_hpc.errors import ConfigError
 from poa_hpc.perf.fake import PhasedDispatchMode
 
@@ -88,36 +89,43 @@ def step_collectives(cfg: POAConfig, world_size: int, engine: str = "fsdp", *, s
     from poa_hpc.perf.memory import fake_step
 
     M = masked_tokens(cfg) if n_masked is None else int(n_masked)
-    if engine == "fsdp":
+    if engine not in comm_engines():
+        raise ConfigError(f"--engine: {engine!r}, expected one of {list(comm_engines())}")
+    spec = get_engine(engine)
+    if spec.comm == "traced":
         counter = CommCounter()
         with fake_process_group(max(world_size, 2)):
-            fake_step(cfg, max(world_size, 2), "fsdp", sub, M, "cuda", ibot, modes=(counter,))
+            fake_step(cfg, max(world_size, 2), engine, sub, M, "cuda", ibot, modes=(counter,))
         return [c for c in counter.calls if c.phase != "setup"]
-    # Sinkhorn-Knopp's all-reduces are the same for every engine: take them from a one-process fake step.
+    # Sinkhorn-Knopp's all-reduces are the same for every engine: take them from a traced 2-rank fake step.
+    traced = next(n for n in comm_engines() if get_engine(n).comm == "traced")
     counter = CommCounter()
     with fake_process_group(2):
-        fake_step(cfg, 2, "fsdp", sub, M, "cuda", ibot, modes=(counter,))
+        fake_step(cfg, 2, traced, sub, M, "cuda", ibot, modes=(counter,))
     sk = [c for c in counter.calls if c.kind == "all_reduce" and c.phase == "teacher"]
     from poa_hpc.perf.fake import meta_model
 
     n = sum(p.numel() for p in meta_model(cfg).student.parameters())
-    if engine == "ddp":
+    shard = spec.sharding(cfg.dist)
+    if not shard.optimizer:  # replicated: one flat all-reduce of the gradients (and a norm per parameter)
         return sk + [Collective("optimizer (clip + AdamW)", "all_reduce", 4 * n + 4 * len(list(
             meta_model(cfg).student.parameters())))]
-    if engine == "deepspeed":
-        stage = int(cfg.dist.zero_stage)
-        out = list(sk)
-        if stage == 1:  # gradients reduced once (at the accumulation boundary), updated parameters gathered
-            out += [Collective("elastic", "reduce_scatter", 4 * n), Collective("optimizer (clip + AdamW)",
-                                                                                "all_gather", 4 * n)]
-        elif stage == 2:  # gradients reduce-scattered after each backward pass
-            out += [Collective("intact", "reduce_scatter", 4 * n), Collective("elastic", "reduce_scatter", 4 * n),
-                    Collective("optimizer (clip + AdamW)", "all_gather", 4 * n)]
-        else:  # parameters gathered for every forward and backward, as FSDP2 without mixed precision
-            out += [c for c in step_collectives(cfg, world_size, "fsdp", sub=sub, n_masked=M, ibot=ibot)
-                    if c.kind != "all_reduce"]
-        return out
-    raise ConfigError(f"--engine: {engine!r}, expected fsdp, ddp or deepspeed")
+    out = list(sk)
+    if shard.params:  # parameters gathered for every forward and backward, as FSDP2 without mixed precision
+        out += [c for c in step_collectives(cfg, world_size, traced, sub=sub, n_masked=M, ibot=ibot)
+                if c.kind != "all_reduce"]
+    elif shard.grads:  # gradients reduce-scattered after each backward pass, updated parameters gathered
+        out += [Collective("intact", "reduce_scatter", 4 * n), Collective("elastic", "reduce_scatter", 4 * n),
+                Collective("optimizer (clip + AdamW)", "all_gather", 4 * n)]
+    else:  # optimizer states sharded: gradients reduced once (at the accumulation boundary), parameters gathered
+        out += [Collective("elastic", "reduce_scatter", 4 * n), Collective("optimizer (clip + AdamW)",
+                                                                            "all_gather", 4 * n)]
+    return out
+
+
+def comm_engines() -> tuple:
+    """The registered engines ``poa estimate comm`` can estimate (the distributed ones)."""
+    return tuple(n for n in engine_names() if get_engine(n).distributed and get_engine(n).comm)
 
 
 def per_rank_bytes(calls: Sequence[Collective], n: int) -> Dict[str, float]:

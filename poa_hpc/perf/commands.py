@@ -17,6 +17,7 @@ from typing import Dict, Optional
 
 from poa_hpc.commands import register_command
 from poa_hpc.config import POAConfig, load_config
+from poa_hpc.distributed.registry import engine_names, get_engine
 from poa_hpc.errors import ConfigError
 from poa_hpc.models.subnets import Subnet
 from poa_hpc.results import write_result
@@ -179,7 +180,8 @@ def estimate_flops(args: argparse.Namespace) -> int:
 def add_memory_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--engine", choices=("fsdp", "deepspeed", "none"), help="default: fsdp (none for world size 1)")
+    p.add_argument("--engine", choices=[n for n in engine_names() if get_engine(n).memory],
+                   help="default: fsdp (none for world size 1)")
     p.add_argument("--sub", help="elastic sub-network WxD or a named size (default: the largest eq. 14 draws)")
     p.add_argument("--masked", type=int, help="masked patches on this rank (default: mean + 4 sigma of DINOv2's plan)")
     p.add_argument("--target", choices=("cuda", "cpu"), default="cuda", help="device semantics (default: cuda)")
@@ -210,7 +212,8 @@ def estimate_memory_cmd(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- comm
 def add_comm_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
-    p.add_argument("--engine", choices=("fsdp", "ddp", "deepspeed"), default="fsdp")
+    p.add_argument("--engine", choices=[n for n in engine_names() if get_engine(n).distributed and get_engine(n).comm],
+                   default="fsdp")
     p.add_argument("--world-size", type=int, default=32, help="world size of the per-phase table (default 32)")
     p.add_argument("--world-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
     p.add_argument("--link-gbps", type=float, default=200.0, help="link bandwidth per GPU, Gb/s (200: HDR InfiniBand)")

@@ -48,6 +48,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from poa_hpc.config import POAConfig
+from poa_hpc.distributed.registry import engine_names, get_engine
 from poa_hpc.errors import ConfigError
 from poa_hpc.models.subnets import Subnet
 from poa_hpc.perf.fake import PhasedDispatchMode, fake_process_group
@@ -322,20 +323,28 @@ def estimate_memory(cfg: POAConfig, world_size: int = 1, *, engine: Optional[str
     if batch_size:
         cfg.optim.batch_size = batch_size
     engine = engine or ("fsdp" if world_size > 1 else "none")
-    if engine not in ("none", "fsdp", "deepspeed"):
-        raise ConfigError(f"--engine: {engine!r}, expected fsdp, deepspeed or none (ddp: use fsdp's numbers "
-                          "without sharding, or none)")
-    if engine == "none" and world_size > 1:
-        raise ConfigError("--engine none runs one process: use --world-size 1")
+    if engine not in memory_engines():
+        others = [n for n in engine_names() if n not in memory_engines()]
+        raise ConfigError(f"--engine: {engine!r}, expected one of {list(memory_engines())}"
+                          + (f" (no memory estimate for {', '.join(others)}: use fsdp's numbers without sharding, "
+                             "or none)" if others else ""))
+    spec = get_engine(engine)
+    if not spec.distributed and world_size > 1:
+        raise ConfigError(f"--engine {engine} runs one process: use --world-size 1")
     if target not in ("cuda", "cpu"):
         raise ConfigError(f"--target: {target!r}, expected cuda or cpu")
     if world_size < 1:
         raise ConfigError("--world-size must be >= 1")
     M = masked_tokens(cfg, sigmas=4.0) if n_masked is None else int(n_masked)
-    if engine == "deepspeed":
-        return _deepspeed(cfg, world_size, sub, M, target, ibot)
-    with fake_process_group(world_size) if engine == "fsdp" else contextlib.nullcontext():
+    if spec.memory == "analytic":
+        return _analytic_states(cfg, spec, world_size, sub, M, target, ibot)
+    with fake_process_group(world_size) if spec.distributed else contextlib.nullcontext():
         return fake_step(cfg, world_size, engine, sub, M, target, ibot)
+
+
+def memory_engines() -> tuple:
+    """The registered engines ``poa estimate memory`` can estimate."""
+    return tuple(n for n in engine_names() if get_engine(n).memory)
 
 
 def _largest_drawn(space) -> Subnet:
@@ -349,8 +358,8 @@ def fake_step(cfg: POAConfig, world_size: int, engine_name: str, sub: Optional[S
     ops through (e.g. :class:`poa_hpc.perf.comm.CommCounter`), entered inside the tracker."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from poa_hpc.distributed.engines import ENGINES
     from poa_hpc.distributed.env import DistContext
+    from poa_hpc.distributed.registry import engine_class
     from poa_hpc.models.ops import attention_kernel
     from poa_hpc.perf.fake import meta_model, synthetic_batch
     from poa_hpc.train.optim import apply_schedules, build_optimizer
@@ -365,8 +374,8 @@ def fake_step(cfg: POAConfig, world_size: int, engine_name: str, sub: Optional[S
     dcfg = copy.deepcopy(cfg.dist)
     dcfg.engine = engine_name
     ctx = DistContext(0, world_size, 0, torch.device("cuda" if cuda else "cpu"))
-    engine = ENGINES[engine_name](dcfg, ctx, amp, cfg.optim.clip_grad, cfg.optim.batch_size)
-    if engine_name == "fsdp":
+    engine = engine_class(engine_name)(dcfg, ctx, amp, cfg.optim.clip_grad, cfg.optim.batch_size)
+    if get_engine(engine_name).distributed and hasattr(engine, "mesh"):  # an engine that shards over a mesh
         from torch.distributed.device_mesh import init_device_mesh
 
         engine.mesh = init_device_mesh("cpu", (world_size,))
@@ -447,23 +456,25 @@ def _relabel_states(tracker: MemoryTracker, model, optimizer) -> None:
     tracker.relabel(states, "optimizer state")
 
 
-def _deepspeed(cfg: POAConfig, world_size: int, sub: Optional[Subnet], n_masked: int, target: str,
-               ibot: bool) -> MemoryReport:
-    """ZeRO stage ``dist.zero_stage`` (Rajbhandari et al. 2020): the step's activations and temporaries measured on
-    fake tensors with whole fp32 parameters (``engine none``), with the states replaced by ZeRO's: fp32 parameters
-    (stage 3: 1/N of them plus one gathered block), fp32 gradients (stage >= 2: 1/N plus DeepSpeed's reduce bucket),
-    AdamW's moments and fp32 partition (1/N), the teacher (stage 3: 1/N)."""
+def _analytic_states(cfg: POAConfig, spec, world_size: int, sub: Optional[Subnet], n_masked: int, target: str,
+                     ibot: bool) -> MemoryReport:
+    """An engine whose states follow its :class:`~poa_hpc.distributed.registry.Sharding` (DeepSpeed ZeRO stage
+    ``dist.zero_stage``, Rajbhandari et al. 2020): the step's activations and temporaries measured on fake tensors
+    with whole fp32 parameters (``engine none``), with the states replaced: fp32 parameters (sharded, ZeRO-3: 1/N of
+    them plus one gathered block), fp32 gradients (sharded, ZeRO >= 2: 1/N plus DeepSpeed's reduce bucket), AdamW's
+    moments and fp32 partition (1/N), the teacher (parameters sharded: 1/N)."""
     stage = int(cfg.dist.zero_stage)
+    shard = spec.sharding(cfg.dist)
     base = fake_step(cfg, 1, "none", sub, n_masked, target, ibot)
     n, t = base.info["student_params"], base.info["teacher_params"]
     N = world_size
     ds = dict(cfg.dist.deepspeed.get("zero_optimization", {})) if isinstance(cfg.dist.deepspeed, dict) else {}
     bucket = int(float(ds.get("reduce_bucket_size", 5e8)))
     states = {
-        "parameters: student": 4 * n / (N if stage == 3 else 1),
-        "parameters: teacher": 4 * t / (N if stage == 3 else 1),
-        "gradients": 4 * n / N + 4 * min(bucket, n) if stage >= 2 else 4 * n,
-        "optimizer state": (8 + 4) * n / N,  # moments + ZeRO's fp32 partition
+        "parameters: student": 4 * n / (N if shard.params else 1),
+        "parameters: teacher": 4 * t / (N if shard.params else 1),
+        "gradients": 4 * n / N + 4 * min(bucket, n) if shard.grads else 4 * n,
+        "optimizer state": (8 + 4) * n / (N if shard.optimizer else 1),  # moments + ZeRO's fp32 partition
     }
     measured_states = sum(v for k, v in base.breakdown.items() if not k.startswith("activations") and k != "batch")
     activations = base.peak - measured_states
@@ -472,6 +483,6 @@ def _deepspeed(cfg: POAConfig, world_size: int, sub: Optional[Subnet], n_masked:
                                      **{k: v for k, v in base.breakdown.items()
                                         if k.startswith("activations") or k == "batch"}},
                           phase_peaks={}, info=dict(base.info))
-    report.info.update({"engine": f"deepspeed (ZeRO-{stage}, states analytic)", "world_size": N,
+    report.info.update({"engine": f"{spec.name} (ZeRO-{stage}, states analytic)", "world_size": N,
                         "reduce_bucket_elements": bucket})
     return report
