@@ -32,7 +32,7 @@ setup(
     extras_require={
         # DALI's wheel carries its CPU backend too, so the DALI tests run without a GPU.
         "dev": ["pytest>=8", "pytest-timeout", "timm>=1.0", "deepspeed>=0.16", "nvidia-dali-cuda120>=1.40",
-                "submitit>=1.5", "matplotlib"],
+                "submitit>=1.5", "matplotlib", "ruff"],
         "plot": ["matplotlib"],  # the accuracy-vs-GFLOPs figure of `poa eval sweep`
         "timm": ["timm>=1.0"],
         "slurm": ["submitit>=1.5"],

@@ -16,10 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from poa_hpc.errors import ConfigError
+from poa_hpc.distributed.registry import engine_names
+from poa_hpc.errors import ConfigError, UsageError
 from poa_hpc.models.registry import backbone_names, get_backbone
 
-__all__ = ["ConfigError", "POAConfig", "ModelConfig", "load_config", "from_dict", "to_dict", "to_yaml", "flatten"]
+__all__ = ["POAConfig", "ModelConfig", "load_config", "packaged_config", "from_dict", "to_dict", "to_yaml", "flatten"]
 
 
 def _model_config_cls() -> type:
@@ -44,13 +45,6 @@ def _model_config_cls() -> type:
 
 
 ModelConfig = _model_config_cls()
-
-# Keys of the flat ViT-only schema and where they live now.
-_MOVED = {f"model.{k}": f"model.vit.{k}" for k in (
-    "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-    "layerscale_init", "drop_path_rate")}
-_MOVED.update({f"model.elastic.{k}": f"model.vit.{k}" for k in ("min_width", "width_step", "min_depth", "sampling_s")})
-_MOVED["model.elastic.rank_sampling"] = "model.rank_sampling"
 
 
 @dataclass
@@ -197,7 +191,7 @@ _CHOICES = {
     "data.loader": ("torch", "dali", "dali_cpu"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("auto", "bf16", "none"),
-    "dist.engine": ("none", "ddp", "fsdp", "deepspeed"),
+    "dist.engine": engine_names(),
     "dist.zero_stage": (1, 2, 3),
 }
 
@@ -271,8 +265,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. optim.base_lr=1e-3)")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
-        for layer, where in zip(layers, ["saved config"] * bool(base) + [str(path)] * (path is not None) + ["overrides"]):
-            _check_moved(layer, where)
         merged = OmegaConf.merge(schema, *layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -280,18 +272,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise ConfigError(_describe(exc) + where) from None
     assert isinstance(cfg, POAConfig)
     return validate(cfg)
-
-
-def _check_moved(layer, where: str) -> None:
-    """Keys of the old flat ViT schema are an error naming their new place."""
-    data = OmegaConf.to_container(layer, resolve=False)
-    if not isinstance(data, dict):
-        return
-    for key in flatten(data):
-        for old, new in _MOVED.items():
-            if key == old or key.startswith(old + "."):
-                raise ConfigError(f"key '{old}' (in {where}) moved to '{new}': each backbone family has its own "
-                                  f"section (model.{', model.'.join(backbone_names())}); model.arch picks one")
 
 
 def flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
@@ -316,3 +296,13 @@ def to_yaml(cfg: POAConfig) -> str:
 def from_dict(d: dict) -> POAConfig:
     """Rebuild a config saved in a checkpoint (validated like a file)."""
     return load_config(base=d)
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a YAML shipped in ``configs/`` (installed as ``poa_hpc.configs``)."""
+    from importlib import resources
+
+    p = resources.files("poa_hpc.configs") / name
+    if not p.is_file():
+        raise UsageError(f"packaged config '{name}' not found")
+    return Path(str(p))

@@ -42,7 +42,7 @@ def metrics(out: Path) -> list:
 
 
 def assert_same_run(ref_dir: Path, got_dir: Path, steps: int) -> None:
-    from poa_hpc.train.checkpoint import load_checkpoint
+    from poa_hpc.checkpoint.layout import load_checkpoint
 
     ref, got = metrics(ref_dir), metrics(got_dir)
     assert [r["step"] for r in got] == list(range(steps)), [r["step"] for r in got]  # each step exactly once

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from poa_hpc.train.checkpoint import load_checkpoint
+from poa_hpc.checkpoint.layout import load_checkpoint
 
 # One thread per process: bitwise-reproducible CPU arithmetic, and two ranks fit on two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE", "DS_ACCELERATOR": "cpu"}

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from backbones import MODEL, RULES, tiny
+from poa_hpc.checkpoint.layout import atomic_save
 from poa_hpc.cli import main
 from poa_hpc.config import load_config, to_dict
 from poa_hpc.models.registry import backbone_names, get_backbone
 from poa_hpc.models.subnets import SubnetSampler
-from poa_hpc.train.checkpoint import atomic_save
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import ParamRules
 
@@ -223,8 +223,8 @@ def test_poa_export_timm_gives_the_same_features(family, tmp_path, capsys):
 def test_named_sizes_at_their_real_shapes_round_trip_through_timm(family):
     """The paper's named sizes (ViT-S/B/L, ...) at their real widths and depths, cut from the family's
     recipe network, load into timm and give the same features (fp32, small inputs to keep it fast)."""
-    timm = pytest.importorskip("timm")
-    from poa_hpc.cli import packaged_config
+    pytest.importorskip("timm")
+    from poa_hpc.config import packaged_config
     from poa_hpc.models.extract import extract_state_dict
 
     spec = get_backbone(family)

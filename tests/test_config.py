@@ -1,6 +1,7 @@
 import pytest
 
-from poa_hpc.config import ConfigError, POAConfig, from_dict, load_config, to_dict
+from poa_hpc.config import POAConfig, from_dict, load_config, to_dict
+from poa_hpc.errors import ConfigError
 
 
 def test_yaml_and_dotted_overrides():

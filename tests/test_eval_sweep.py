@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from backbones import tiny
+from poa_hpc.checkpoint.layout import atomic_save
 from poa_hpc.cli import main
 from poa_hpc.config import load_config, to_dict
 from poa_hpc.eval.linear import cosine_lr, linear_probe, probe_features
@@ -24,7 +25,6 @@ from poa_hpc.eval.pareto import pareto_front
 from poa_hpc.eval.plot import read_reference
 from poa_hpc.eval.sweep import CSV_COLUMNS, resolve_subnets, run_sweep, subsample_per_class
 from poa_hpc.models.registry import backbone_names, get_backbone
-from poa_hpc.train.checkpoint import atomic_save
 from poa_hpc.train.meta_arch import POA
 
 FAMILIES = backbone_names()
@@ -250,7 +250,7 @@ def test_sweep_knn_equals_eval_knn_on_extracted_files(swept):
 
 
 def test_sweep_files_have_one_row_per_subnet(swept):
-    family, subs, space = swept["family"], swept["subs"], swept["space"]
+    family, subs = swept["family"], swept["subs"]
     out = swept["run"] / "eval"
     with (out / "sweep.csv").open() as f:
         reader = csv.DictReader(f)
@@ -319,9 +319,9 @@ def test_bad_input_is_a_one_line_error(swept):
 def test_train_per_class_and_grouped_passes(swept, tmp_path):
     """--train-per-class subsamples the train split; features of more networks than fit in
     max_feature_gb are computed in several passes with the same results."""
-    from poa_hpc.cli import _load_teacher
+    from poa_hpc.train.load import load_teacher
 
-    cfg, backbone, step = _load_teacher(str(swept["run"]), "teacher")
+    cfg, backbone, step = load_teacher(str(swept["run"]), "teacher")
     subs = swept["subs"][:2]
     kw = dict(train_per_class=20, epochs=5, progress=False, log=lambda s: None, num_workers=0)
     one = run_sweep(cfg, backbone, subs, tmp_path / "one", **kw)
@@ -338,7 +338,7 @@ def test_sweep_on_an_imagenet_layout_folder(swept, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from poa_hpc.cli import _load_teacher
+    from poa_hpc.train.load import load_teacher
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("val", 3)):
@@ -348,7 +348,7 @@ def test_sweep_on_an_imagenet_layout_folder(swept, tmp_path):
             for i in range(n):
                 img = np.clip(np.array(colour) + rng.normal(0, 30, (20 + i, 24, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i}.jpg")
-    train_cfg, backbone, _ = _load_teacher(str(swept["run"]), "teacher")
+    train_cfg, backbone, _ = load_teacher(str(swept["run"]), "teacher")
     cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={tmp_path / 'data'}", "eval.image_size=16",
                              "eval.knn_k=3"], base=to_dict(train_cfg))
     rows = run_sweep(cfg, backbone, swept["subs"][:2], tmp_path / "out", train_per_class=4, epochs=20,
@@ -360,10 +360,10 @@ def test_sweep_on_an_imagenet_layout_folder(swept, tmp_path):
 
 
 def test_without_matplotlib_json_and_csv_are_written(swept, tmp_path, monkeypatch):
-    from poa_hpc.cli import _load_teacher
+    from poa_hpc.train.load import load_teacher
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
-    cfg, backbone, _ = _load_teacher(str(swept["run"]), "teacher")
+    cfg, backbone, _ = load_teacher(str(swept["run"]), "teacher")
     logs = []
     run_sweep(cfg, backbone, swept["subs"][:1], tmp_path, train_per_class=5, linear=False, progress=False,
               log=logs.append, num_workers=0)

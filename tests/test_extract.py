@@ -6,16 +6,14 @@ import sys
 import pytest
 import torch
 
+from poa_hpc.checkpoint.layout import atomic_save
 from poa_hpc.cli import main
-from poa_hpc.config import load_config
+from poa_hpc.config import load_config, to_dict
 from poa_hpc.models.extract import extract_state_dict, load_subnet
 from poa_hpc.models.registry import get_backbone
 from poa_hpc.models.subnets import Subnet, SubnetSampler
-from poa_hpc.models.vit import build_vit, count_params, vit_gflops, ViTArch
-from poa_hpc.train.checkpoint import atomic_save
+from poa_hpc.models.vit import ViTArch, build_vit, count_params, vit_gflops
 from poa_hpc.train.meta_arch import POA
-from poa_hpc.config import to_dict
-
 
 # The demo's ViT at 32 px (8x8 patch grid; local crops 16 px, a 4x4 grid): sizes these tests resize between.
 DEMO_32PX = ["model.vit.img_size=32", "data.digits_size=32", "data.global_size=32", "data.local_size=16",

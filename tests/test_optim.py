@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from poa_hpc.config import POAConfig
-from poa_hpc.train.optim import ParamRules, apply_schedules, build_optimizer, clip_grad_norm, param_groups
+from poa_hpc.distributed.engines import clip_grad_norm_tensor
+from poa_hpc.train.optim import ParamRules, apply_schedules, build_optimizer, param_groups
 
 D = 8
 
@@ -209,6 +210,10 @@ def test_build_optimizer_and_apply_schedules():
     opt.step()
     assert torch.equal(m.heads[0].last_layer.weight, before_last)
     assert not torch.equal(m.backbone.blocks[0].attn.qkv.weight, before_qkv)
+
+
+def clip_grad_norm(params, max_norm):
+    return float(clip_grad_norm_tensor(params, max_norm))
 
 
 def test_clip_grad_norm():

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from poa_hpc.checkpoint.layout import load_checkpoint
 from poa_hpc.cli import main
-from poa_hpc.train.checkpoint import load_checkpoint
 from reference_runs import RESTART_RUN, RESTART_STEPS
 from reference_runs import assert_same_run as assert_same_reference_run
 from test_train import DETERMINISTIC_ENV, LOSS_KEYS, TINY, metrics

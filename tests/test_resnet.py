@@ -13,13 +13,14 @@ import torch.nn.functional as F
 
 from backbones import MODEL, tiny
 from poa_hpc.cli import main
-from poa_hpc.config import ConfigError, load_config
+from poa_hpc.config import load_config
+from poa_hpc.errors import ConfigError
+from poa_hpc.kernels.sliced_conv import sliced_conv2d
 from poa_hpc.models.elastic import ElasticGroupNorm
 from poa_hpc.models.ops import elastic_conv2d
 from poa_hpc.models.registry import get_backbone
 from poa_hpc.models.resnet import ResNetArch, build_resnet
 from poa_hpc.models.subnets import Subnet, SubnetSampler
-from poa_hpc.kernels.sliced_conv import sliced_conv2d
 from poa_hpc.train.optim import ParamRules
 
 SPEC = get_backbone("resnet")

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from backbones import tiny
+from poa_hpc.checkpoint.layout import load_checkpoint
 from poa_hpc.cli import main
-from poa_hpc.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slurm
 pytest.importorskip("submitit")

@@ -81,3 +81,21 @@ def test_parse():
     assert Subnet.parse("384x12") == Subnet(384, 12)
     with pytest.raises(ValueError, match="WIDTHxDEPTH"):
         Subnet.parse("384-12")
+
+
+def test_space_resolve_names_sizes_and_all():
+    """One owner for sub-network names: named sizes, their short forms, WIDTHxDEPTH, per-stage depths, all."""
+    from poa_hpc.models.subnets import depth_str
+
+    space = SubnetSpace(widths=(192, 384), depths=(6, 12))
+    named = {"ViT-S": Subnet(384, 12), "ViT-Ti": Subnet(192, 12)}
+    assert space.resolve("ViT-S", named) == [Subnet(384, 12)]
+    assert space.resolve("vit-ti, s ,192x6,384X12", named) == [Subnet(192, 12), Subnet(384, 12), Subnet(192, 6)]
+    assert space.resolve("all") == space.all()
+    for bad, why in (("ViT-L", "is not a sub-network name"), ("384x7", "is not in the elastic space")):
+        with pytest.raises(ValueError, match=why) as exc:
+            space.resolve(bad, named)
+        assert "allowed: all, ViT-S/S (384x12), ViT-Ti/Ti (192x12), or WIDTHxDEPTH with widths [192, 384]" in str(exc.value)
+    assert str(Subnet(64, (3, 4, 6, 3))) == "64x3-4-6-3" == f"64x{depth_str([3, 4, 6, 3])}"
+    staged = SubnetSpace(widths=(32, 64), depths=((2, 2, 2, 2), (3, 4, 6, 3)))
+    assert staged.resolve("64x3-4-6-3") == [Subnet(64, (3, 4, 6, 3))]

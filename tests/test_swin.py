@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from backbones import tiny
-from runs import RUN, SAME_AS_ONE_PROCESS, assert_same_run, assert_same_weights, train
 from poa_hpc.cli import main
-from poa_hpc.config import ConfigError, load_config
+from poa_hpc.config import load_config
+from poa_hpc.errors import ConfigError
 from poa_hpc.models.registry import get_backbone
 from poa_hpc.models.subnets import Subnet, SubnetSampler
 from poa_hpc.models.swin import SwinArch
+from runs import RUN, SAME_AS_ONE_PROCESS, assert_same_run, assert_same_weights, train
 
 SPEC = get_backbone("swin")
 
@@ -262,7 +263,7 @@ def swin_b_teacher():
     a = load_config("configs/swin_poa.yaml").model.section
     bb = SPEC.build(a, drop_path_rate=0.0).eval()
     with torch.no_grad():
-        for n, p in bb.named_parameters():
+        for _, p in bb.named_parameters():
             if p.ndim <= 1:
                 p.add_(0.3 * torch.randn_like(p))
     return a, bb

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from backbones import tiny
+from poa_hpc.checkpoint.layout import atomic_save, load_checkpoint
 from poa_hpc.cli import main
 from poa_hpc.config import load_config
 from poa_hpc.train import trainer as trainer_mod
-from poa_hpc.train.checkpoint import atomic_save, load_checkpoint
 
 TINY = tiny("vit") + [
     "data.n_local=2",
@@ -171,8 +171,8 @@ def test_atomic_save_never_leaves_partial_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("loader", ["torch", "dali_cpu"])
 def test_training_on_an_image_folder_with_bad_files(tmp_path, caplog, loader):
     """Real JPEGs in ImageNet layout, two of them broken: skipped, counted, reported, training goes on."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     if loader != "torch":
         pytest.importorskip("nvidia.dali")

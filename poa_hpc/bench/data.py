@@ -19,11 +19,11 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import List
 
 import numpy as np
 
-from poa_hpc.bench.common import write_result
+from poa_hpc.commands import register_command
+from poa_hpc.results import write_result
 
 LOADERS = ("torch", "dali_cpu", "dali")
 
@@ -99,8 +99,7 @@ def _measure(loader_kind: str, root: Path, workers: int, batch: int, n_local: in
     return {"img_per_s": steps * batch / dt, "ms_per_batch": 1e3 * dt / steps, "on": str(b["global_crops"].device)}
 
 
-def run(argv: List[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="poa bench data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="an image folder in ImageNet layout (default: generate an ImageNet-like set)")
     p.add_argument("--images", type=int, default=512, help="size of the generated set")
     p.add_argument("--cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "poa_hpc"),
@@ -113,7 +112,9 @@ def run(argv: List[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
 
     import torch
 
@@ -162,5 +163,9 @@ def run(argv: List[str] | None = None) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(run())
+@register_command("bench data")
+class BenchDataCommand:
+    __doc__ = "multi-crop loader img/s (torchvision, DALI CPU, DALI GPU)\n\n" + __doc__
+
+    add_arguments = staticmethod(add_arguments)
+    run = staticmethod(run)

@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from poa_hpc.bench.common import write_result
+from poa_hpc.commands import register_command
+from poa_hpc.results import write_result
 
 DEFAULT_RECIPES = Path("benchmarks") / "demo_recipes.yaml"
 PROBE_IMAGES = 256
@@ -182,10 +183,10 @@ def run_recipe(name: str, overrides: Sequence[str], config: Path, workdir: Path,
     """Train one recipe from scratch and measure it; returns its row."""
     import torch
 
-    from poa_hpc.cli import _load_teacher
     from poa_hpc.config import load_config
     from poa_hpc.eval.sweep import run_sweep
     from poa_hpc.models.registry import get_backbone
+    from poa_hpc.train.load import load_teacher
     from poa_hpc.train.trainer import train
 
     out_dir = workdir / name
@@ -203,7 +204,7 @@ def run_recipe(name: str, overrides: Sequence[str], config: Path, workdir: Path,
     wall_train = time.perf_counter() - w0 - prober.wall
     steps = int(summary["step"])
     c1, w1 = cpu_seconds(), time.perf_counter()
-    _, teacher, _ = _load_teacher(summary["checkpoint"], "teacher")
+    _, teacher, _ = load_teacher(summary["checkpoint"], "teacher")
     rows = run_sweep(cfg, teacher, subs, None, linear=False, progress=False, num_workers=0, device="cpu",
                      log=lambda s: None)
     cpu_eval, wall_eval = cpu_seconds() - c1, time.perf_counter() - w1
@@ -244,11 +245,7 @@ def format_rows(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(argv: Optional[List[str]] = None) -> int:
-    from poa_hpc.cli import packaged_config
-
-    p = argparse.ArgumentParser(prog="poa bench demo", description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: all in the file)")
     p.add_argument("--recipe-file", default=str(DEFAULT_RECIPES))
     p.add_argument("--config", default=None, help="base config (default: the recipe file's _base, else the "
@@ -260,7 +257,11 @@ def run(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON table ('' : none)")
     p.add_argument("--tag", default="demo", help="name of the JSON table (benchmarks/results/<tag>_cpu_<time>.json)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from poa_hpc.config import packaged_config
+
 
     recipes, base = load_recipes(Path(args.recipe_file))
     if args.list:
@@ -295,3 +296,83 @@ def run(argv: Optional[List[str]] = None) -> int:
                                                "knn": "weighted k-NN, k=20, T=0.07, [CLS] of the EMA teacher, "
                                                       "digits val (359) against train (1,438)"})
     return 0
+
+
+@register_command("bench demo")
+class BenchDemoCommand:
+    __doc__ = "train demo recipes, k-NN of their sub-networks, CPU time, collapse\n\n" + __doc__
+
+    add_arguments = staticmethod(add_arguments)
+    run = staticmethod(run)
+
+
+@register_command("demo")
+class DemoCommand:
+    """train the embedded CPU demo, k-NN 3 sub-networks against raw pixels, sweep all sub-networks (k-NN + linear probe, plot)"""
+
+    @staticmethod
+    def add_arguments(d: argparse.ArgumentParser) -> None:
+        d.add_argument("--config", help="default: the packaged configs/demo_cpu.yaml (ViT); "
+                                         "configs/swin_demo_cpu.yaml is the Swin demo")
+        d.add_argument("--output-dir", help="default: the config's train.output_dir (runs/demo)")
+        d.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs of the final sweep")
+        d.add_argument("overrides", nargs="*")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from poa_hpc.config import load_config, packaged_config, to_dict
+        from poa_hpc.errors import UsageError
+        from poa_hpc.eval.baseline import raw_pixel_knn
+        from poa_hpc.eval.evaluate import format_table, knn_evaluate
+        from poa_hpc.eval.sweep import format_sweep_table, run_sweep
+        from poa_hpc.models.extract import extract_to, load_subnet
+        from poa_hpc.models.registry import get_backbone
+        from poa_hpc.train.load import load_teacher
+        from poa_hpc.train.trainer import build_model, train
+
+        overrides = list(args.overrides)
+        if args.output_dir:
+            overrides.append(f"train.output_dir={args.output_dir}")
+        cfg = load_config(args.config or packaged_config("demo_cpu.yaml"), overrides)
+        if args.linear_epochs < 1:
+            raise UsageError(f"--linear-epochs {args.linear_epochs}: expected a positive number of epochs")
+        out = Path(cfg.train.output_dir)
+        space = get_backbone(cfg.model.arch).space(cfg.model.section)
+        subs = demo_subnets(space)
+        t_start = time.perf_counter()
+        baseline = raw_pixel_knn(cfg)
+        print(f"POA demo: {len(space)} sub-networks; training on {cfg.data.dataset} for "
+              f"{cfg.optim.epochs} epochs, output in {out}")
+        print(f"reference: weighted k-NN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature:g}) on the centred raw pixels "
+              f"of the same split: {baseline:.2f}%")
+        t0 = time.perf_counter()
+        summary = train(cfg, resume=True)
+        print(f"training finished in {time.perf_counter() - t0:.0f}s (step {summary['step']})")
+
+        init_backbone = build_model(cfg).teacher_backbone().eval()
+        _, trained_backbone, step = load_teacher(summary["checkpoint"], "teacher")
+        tables = []
+        for label, backbone, folder in (("at initialisation", init_backbone, out / "subnets_init"),
+                                        ("after POA training (teacher)", trained_backbone, out / "subnets")):
+            paths = extract_to(backbone, subs, folder, False, step, label, to_dict(cfg))
+            models = [(p.stem, load_subnet(p)[0]) for p in paths]
+            rows = knn_evaluate(models, cfg)
+            tables.append(rows)
+            print()
+            print(format_table(rows, f"weighted k-NN on {cfg.data.dataset} val, sub-networks {label}"))
+
+        print("\nevery sub-network of the trained teacher (k-NN and linear probe):")
+        sweep_dir = out / "sweep"
+        rows = run_sweep(cfg, trained_backbone, space.all(), sweep_dir, source=f"{summary['checkpoint']}:teacher",
+                         step=step, epochs=args.linear_epochs, device="cpu", progress=False)
+        print(format_sweep_table(rows))
+
+        print(f"\nraw pixels (centred): k-NN top-1 {baseline:.2f}%")
+        for a, b in zip(*tables):
+            print(f"{a.name}: k-NN top-1 {a.top1:.2f}% at init -> {b.top1:.2f}% trained ({b.top1 - a.top1:+.2f})")
+        print(f"\nextracted sub-networks: {out / 'subnets'}")
+        plot = sweep_dir / "sweep.png"
+        print(f"sweep of all {len(rows)} sub-networks: {sweep_dir / 'sweep.json'}, {sweep_dir / 'sweep.csv'}"
+              + (f"\nplot: {plot}" if plot.is_file() else " (no plot: matplotlib is not installed)"))
+        print(f"demo finished in {time.perf_counter() - t_start:.0f}s")
+        return 0

@@ -25,7 +25,9 @@ import sys
 import time
 from typing import List
 
-from poa_hpc.bench.common import write_result
+from poa_hpc.commands import register_command
+from poa_hpc.results import write_result
+
 
 def models() -> dict:
     """Benchmark presets of every registered backbone family: name -> (packaged config, overrides)."""
@@ -35,11 +37,10 @@ def models() -> dict:
 
 
 def _engine_overrides(engine: str) -> List[str]:
-    name, _, stage = engine.partition(":")
-    out = [f"dist.engine={name}"]
-    if name == "deepspeed":
-        out.append(f"dist.zero_stage={stage or 2}")
-    return out
+    from poa_hpc.distributed.registry import get_engine
+
+    name, _, suffix = engine.partition(":")
+    return [f"dist.engine={name}", *get_engine(name).variant_overrides(suffix)]
 
 
 # ---------------------------------------------------------------------------- worker
@@ -117,10 +118,12 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- driver
-def run(argv: List[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="poa bench engines", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=["vit_b", "vit_l"], choices=sorted(models()))
-    p.add_argument("--engines", nargs="+", default=["ddp", "fsdp", "deepspeed:2", "deepspeed:3"])
+    from poa_hpc.distributed.registry import engine_names, get_engine
+
+    p.add_argument("--engines", nargs="+", default=[v for n in engine_names() for v in get_engine(n).variants],
+                   help="registered engines, NAME or NAME:VARIANT (deepspeed:3: ZeRO stage 3)")
     p.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
     p.add_argument("--batch", type=int, default=32, help="images per rank")
     p.add_argument("--steps", type=int, default=10)
@@ -129,13 +132,15 @@ def run(argv: List[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.worker:
         worker(args)
         return 0
     import torch
 
-    from poa_hpc.cli import packaged_config
+    from poa_hpc.config import packaged_config
 
     presets = models()
     nproc = args.nproc or (torch.cuda.device_count() or 2)
@@ -148,7 +153,7 @@ def run(argv: List[str] | None = None) -> int:
             overrides = preset + _engine_overrides(engine) + [f"optim.batch_size={args.batch}",
                                                                      "train.progress=false", *args.overrides]
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "poa_hpc.bench.engines", "--worker", "--config", config, "--steps", str(args.steps),
+                   "-m", "poa_hpc", "bench", "engines", "--worker", "--config", config, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), *overrides]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")), None)
@@ -173,5 +178,9 @@ def _fmt(row: dict) -> str:
             f"{row['step_s'] * 1e3:>9.1f} ms/step  peak {row['peak_mem_gib']:>7.2f} GiB/rank")
 
 
-if __name__ == "__main__":
-    raise SystemExit(run())
+@register_command("bench engines")
+class BenchEnginesCommand:
+    """POA step img/s and peak memory per engine"""
+
+    add_arguments = staticmethod(add_arguments)
+    run = staticmethod(run)

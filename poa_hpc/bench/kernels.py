@@ -17,7 +17,8 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from poa_hpc.bench.common import write_result
+from poa_hpc.commands import register_command
+from poa_hpc.results import write_result
 
 
 def _time(fn: Callable[[], object], iters: int, warmup: int) -> float:
@@ -44,14 +45,15 @@ def _time(fn: Callable[[], object], iters: int, warmup: int) -> float:
 
 
 # ---------------------------------------------------------------------------- sliced projection
-def bench_kernels(argv: List[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="poa bench kernels")
+def add_kernels_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=50 * 197, help="rows M of x (batch x sequence)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--widths", type=int, nargs="+", default=[384, 576, 768, 1024])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args(argv)
+
+
+def bench_kernels(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("poa bench kernels: needs a CUDA GPU (Triton's interpreter on CPU measures nothing useful)")
         return 2
@@ -95,16 +97,17 @@ def bench_kernels(argv: List[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------- attention
-def bench_attention(argv: List[str] | None = None) -> int:
-    from poa_hpc.models import ops
-
-    p = argparse.ArgumentParser(prog="poa bench attention")
+def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--backends", nargs="+", default=["xformers", "sdpa", "math"])
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args(argv)
+
+
+def bench_attention(args: argparse.Namespace) -> int:
+    from poa_hpc.models import ops
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = getattr(torch, args.dtype)
     rows: List[Dict] = []
@@ -126,3 +129,19 @@ def bench_attention(argv: List[str] | None = None) -> int:
                 print(f"{model:<7}{heads:>6}{seq:>5}{backend:>10}{row['ms']:>12.3f}{row['tflops']:>10.2f}")
     write_result("attention", rows, args.out, {"batch": args.batch, "dtype": args.dtype})
     return 0
+
+
+@register_command("bench kernels")
+class BenchKernelsCommand:
+    """sliced projection fwd+bwd (torch, Triton, dense)"""
+
+    add_arguments = staticmethod(add_kernels_arguments)
+    run = staticmethod(bench_kernels)
+
+
+@register_command("bench attention")
+class BenchAttentionCommand:
+    """attention fwd+bwd TFLOP/s per backend"""
+
+    add_arguments = staticmethod(add_attention_arguments)
+    run = staticmethod(bench_attention)

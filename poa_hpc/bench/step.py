@@ -16,19 +16,32 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import List
 
-from poa_hpc.bench.common import write_result
+from poa_hpc.commands import register_command
+from poa_hpc.results import write_result
 
 __all__ = ["run"]
 
 
-def run(argv: List[str] | None = None) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from poa_hpc.bench.engines import models
+
+    presets = models()
+    p.add_argument("--preset", default="vit_l", choices=sorted(presets), help="model preset (default vit_l)")
+    p.add_argument("--batch", type=int, default=50, help="images per step (default 50)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--peak", type=float, default=0.0, help="peak TFLOP/s for the MFU (default: the GPU's table value)")
+    p.add_argument("--no-estimate", action="store_true", help="skip the memory prediction")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("overrides", nargs="*")
+
+
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from poa_hpc.bench.engines import models
-    from poa_hpc.cli import packaged_config
-    from poa_hpc.config import load_config
+    from poa_hpc.config import load_config, packaged_config
     from poa_hpc.distributed.engines import build_engine
     from poa_hpc.distributed.env import DistContext
     from poa_hpc.models.subnets import SubnetSampler
@@ -39,16 +52,6 @@ def run(argv: List[str] | None = None) -> int:
     from poa_hpc.train.trainer import autocast_factory, build_model
 
     presets = models()
-    p = argparse.ArgumentParser(prog="poa bench step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="vit_l", choices=sorted(presets), help="model preset (default vit_l)")
-    p.add_argument("--batch", type=int, default=50, help="images per step (default 50)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--peak", type=float, default=0.0, help="peak TFLOP/s for the MFU (default: the GPU's table value)")
-    p.add_argument("--no-estimate", action="store_true", help="skip the memory prediction")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
     base, preset = presets[args.preset]
     cfg = load_config(packaged_config(base), preset + [f"optim.batch_size={args.batch}", "dist.engine=none",
                                                        "train.progress=false", *args.overrides])
@@ -120,5 +123,9 @@ def run(argv: List[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(run())
+@register_command("bench step")
+class BenchStepCommand:
+    """one device's POA step (img/s, MFU, phase times, peak memory vs poa estimate memory)"""
+
+    add_arguments = staticmethod(add_arguments)
+    run = staticmethod(run)

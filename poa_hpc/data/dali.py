@@ -43,7 +43,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from poa_hpc.config import ConfigError
+from poa_hpc.errors import ConfigError
 
 from .datasets import RobustDataset
 from .loader import StepBatchSampler

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from poa_hpc.config import ConfigError, POAConfig
+from poa_hpc.config import POAConfig
+from poa_hpc.errors import ConfigError
 
 from .collate import MultiCropCollator, build_collator
 from .datasets import DigitsDataset, FileListDataset, ImageFolderDataset, RobustDataset, TransformedDataset

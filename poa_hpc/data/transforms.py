@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -35,7 +35,6 @@ __all__ = [
     "blur_kernel_size",
     "to_rgb",
     "seeded_rng",
-    "denormalize",
     "derive_seed",
 ]
 
@@ -251,13 +250,6 @@ def build_multicrop(cfg: "POAConfig") -> MultiCropAugmentation:
         global_scale=(d.global_scale_min, d.global_scale_max),
         local_scale=(d.local_scale_min, d.local_scale_max),
     )
-
-
-def denormalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """Invert the normalisation (for visualisation / tests); channel dim is -3."""
-    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
-    return x * s + m
 
 
 def derive_seed(*parts: int) -> int:

@@ -7,7 +7,7 @@ The trainer talks to one interface and knows nothing of POA's losses here:
 * ``backward(loss)``, ``clip_and_step(max_norm)``, ``update_teacher(m)``;
 * ``save(ckpt_dir, step, meta, keep_last, keep_every)`` / ``verify(ckpt_dir, step)`` /
   ``load(ckpt_dir, check, step)`` — a history of atomic, resumable checkpoints
-  (layout in :mod:`poa_hpc.train.checkpoint`); every engine's
+  (layout in :mod:`poa_hpc.checkpoint.layout`); every engine's
   ``checkpoints/step_XXXXXXXX.pt`` holds the full model weights (``last.pt``
   points to the newest), which is what ``poa extract`` reads.
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import warnings
@@ -41,11 +42,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from poa_hpc.config import ConfigError, flatten
+from poa_hpc.checkpoint.layout import (
+    atomic_save,
+    committed_steps,
+    describe_write_error,
+    last_step,
+    point_last,
+    remove_path,
+    retained,
+    step_file,
+)
+from poa_hpc.config import flatten
 from poa_hpc.distributed.env import DistContext, barrier, gather_objects
-from poa_hpc.train.checkpoint import (LEGACY_STEP, OutputWriteError, atomic_save, committed_steps,
-                                      describe_write_error, last_step, point_last, remove_path, retained, step_file)
-from poa_hpc.train.optim import clip_grad_norm_tensor
+from poa_hpc.distributed.registry import engine_class
+from poa_hpc.errors import ConfigError, OutputWriteError
+from poa_hpc.files import atomic_write_text
 
 MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 log = logging.getLogger("poa_hpc.train")
@@ -73,6 +84,23 @@ def _check_step_file(path: Path) -> Optional[str]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
         return f"'{path}' is not a poa_hpc training checkpoint"
     return None
+
+
+def clip_grad_norm_tensor(params: Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Total L2 norm of the gradients (before clipping) as a 0-d tensor on their device (no host
+    synchronisation); clips if ``max_norm > 0``.
+
+    Uses the foreach kernels where torch supports them for the device (``foreach=None``:
+    CUDA uses them, other devices silently fall back).  Parameters without grad are ignored.
+    """
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if max_norm is not None and max_norm > 0 and math.isfinite(max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=None)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=None)
 
 
 class Engine:
@@ -134,7 +162,7 @@ class Engine:
         return []
 
     def _states_on_disk(self, ckpt_dir: Path) -> List[Tuple[Optional[int], Path]]:
-        """(step, path) of every resume state folder present; step ``None`` for a legacy layout's."""
+        """(step, path) of every resume state folder present (``None``: a folder of no step)."""
         return []
 
     def _write_phase(self, ckpt_dir: Path, step: int, fn: Optional[Callable[[], object]]) -> None:
@@ -178,7 +206,7 @@ class Engine:
         payload = self._step_payload(step, meta)
 
         def commit() -> None:
-            atomic_save(payload, path)
+            atomic_save(payload, path)  # noqa: F821 (deleted after the write phase, not before)
             self._committed(ckpt_dir, step)
             point_last(ckpt_dir, step)
 
@@ -197,9 +225,9 @@ class Engine:
 
     def prune(self, ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> List[int]:
         """Delete the committed steps :func:`retained` does not keep (step file first: uncommit, then
-        the state), leftovers of interrupted saves and the legacy layout's state; returns the deleted steps."""
+        the state) and leftovers of interrupted saves; returns the deleted steps."""
         ckpt_dir = Path(ckpt_dir)
-        steps = [s for s in committed_steps(ckpt_dir) if s != LEGACY_STEP]
+        steps = committed_steps(ckpt_dir)
         if not steps:
             return []
         keep = retained(steps, keep_last, keep_every, protect=[last_step(ckpt_dir)])
@@ -209,18 +237,15 @@ class Engine:
             for p in self._state_paths(ckpt_dir, s):
                 remove_path(p)
         for s, p in self._states_on_disk(ckpt_dir):
-            if s not in keep:  # not committed (an interrupted save), or a legacy layout's state
+            if s not in keep:  # not committed (an interrupted save)
                 remove_path(p)
         for p in ckpt_dir.glob("*.tmp"):
             remove_path(p)
         return dropped
 
     def checkpoint_steps(self, ckpt_dir: Path) -> List[int]:
-        """Committed checkpoints, newest first (``[LEGACY_STEP]`` for a run folder of the old layout)."""
+        """Committed checkpoints, newest first."""
         return committed_steps(ckpt_dir)
-
-    def has_checkpoint(self, ckpt_dir: Path) -> bool:
-        return bool(self.checkpoint_steps(ckpt_dir))
 
     def checkpoint_path(self, ckpt_dir: Path, step: int) -> Path:
         """What to name in messages about the checkpoint of ``step``."""
@@ -305,7 +330,6 @@ class FSDPEngine(Engine):
     """``fsdp``: FSDP2 ``fully_shard`` over blocks, heads and backbones of student and teacher."""
 
     name = "fsdp"
-    DCP_DIR = "last_dcp"
     #: device mesh to shard over (None: FSDP2's default, the whole world); set by ``poa estimate memory``
     mesh = None
 
@@ -373,11 +397,6 @@ class FSDPEngine(Engine):
         return {"step": step, "model": full, **meta} if self.ctx.is_main else None
 
     def _dcp_dir(self, ckpt_dir: Path, step: int) -> Path:
-        if step == LEGACY_STEP:  # the layout before the history: last_dcp/ (or last_dcp.old/ after a crash)
-            for name in (self.DCP_DIR, self.DCP_DIR + ".old"):
-                if (Path(ckpt_dir) / name / "meta.json").is_file():
-                    return Path(ckpt_dir) / name
-            return Path(ckpt_dir) / self.DCP_DIR
         return Path(ckpt_dir) / f"step_{step:08d}_dcp"
 
     def _save_state(self, ckpt_dir: Path, step: int, meta: dict) -> None:
@@ -409,8 +428,6 @@ class FSDPEngine(Engine):
                 m = re.match(r"^step_(\d{8,})_dcp$", p.name)
                 if m:
                     out.append((int(m.group(1)), p))
-                elif p.name in (self.DCP_DIR, self.DCP_DIR + ".old"):
-                    out.append((None, p))
         return out
 
     def checkpoint_path(self, ckpt_dir: Path, step: int) -> Path:
@@ -438,7 +455,7 @@ class FSDPEngine(Engine):
             if size < end:
                 return (f"sharded checkpoint '{d}' is incomplete: '{rel}' is "
                         + ("missing" if size < 0 else f"{size} bytes, its metadata needs {end}"))
-        return _check_step_file(step_file(ckpt_dir, step)) if step != LEGACY_STEP else None
+        return _check_step_file(step_file(ckpt_dir, step))
 
     def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None,
              step: Optional[int] = None) -> dict:
@@ -566,9 +583,6 @@ class DeepSpeedEngine(Engine):
 
     def _tag_dir(self, ckpt_dir: Path, step: int) -> Path:
         d = Path(ckpt_dir) / self.DS_DIR
-        if step == LEGACY_STEP:  # the layout before the history: the tag named by deepspeed/latest
-            latest = d / "latest"
-            return d / (latest.read_text().strip() if latest.is_file() else "latest")
         return d / f"step{step:08d}"
 
     def _save_state(self, ckpt_dir: Path, step: int, meta: dict) -> None:
@@ -592,9 +606,7 @@ class DeepSpeedEngine(Engine):
 
     def _committed(self, ckpt_dir: Path, step: int) -> None:
         d = Path(ckpt_dir) / self.DS_DIR  # DeepSpeed's own pointer (zero_to_fp32.py reads it)
-        tmp = d / "latest.tmp"
-        tmp.write_text(self._tag_dir(ckpt_dir, step).name)
-        os.replace(tmp, d / "latest")
+        atomic_write_text(d / "latest", self._tag_dir(ckpt_dir, step).name)
 
     def _state_paths(self, ckpt_dir: Path, step: int) -> List[Path]:
         return [self._tag_dir(ckpt_dir, step)]
@@ -604,12 +616,6 @@ class DeepSpeedEngine(Engine):
         if not d.is_dir():
             return []
         return [(int(p.name[4:]), p) for p in d.iterdir() if re.match(r"^step\d{8,}$", p.name) and p.is_dir()]
-
-    def checkpoint_steps(self, ckpt_dir: Path) -> List[int]:
-        steps = committed_steps(ckpt_dir)
-        if steps == [LEGACY_STEP] and not (Path(ckpt_dir) / self.DS_DIR / "latest").is_file():
-            return []
-        return steps
 
     def checkpoint_path(self, ckpt_dir: Path, step: int) -> Path:
         return self._tag_dir(ckpt_dir, step)
@@ -625,7 +631,7 @@ class DeepSpeedEngine(Engine):
                 torch.load(f, map_location="cpu", weights_only=False, mmap=True)
             except Exception as exc:
                 return f"DeepSpeed checkpoint file {_read_error(f, exc)}"
-        return _check_step_file(step_file(ckpt_dir, step)) if step != LEGACY_STEP else None
+        return _check_step_file(step_file(ckpt_dir, step))
 
     def load(self, ckpt_dir: Path, check: Callable[[dict], None] = lambda meta: None,
              step: Optional[int] = None) -> dict:
@@ -645,11 +651,8 @@ class DeepSpeedEngine(Engine):
         return meta
 
 
-ENGINES = {"none": Engine, "ddp": ReplicatedEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}
-
-
 def build_engine(dist_cfg, ctx: DistContext, amp: str, clip_grad: float = 0.0, micro_batch: int = 1) -> Engine:
     if dist_cfg.engine == "none" and ctx.world_size > 1:
         raise ConfigError(f"key 'dist.engine': 'none' runs one process, but WORLD_SIZE={ctx.world_size}; "
                          f"use dist.engine=ddp or fsdp")
-    return ENGINES[dist_cfg.engine](dist_cfg, ctx, amp, clip_grad, micro_batch)
+    return engine_class(dist_cfg.engine)(dist_cfg, ctx, amp, clip_grad, micro_batch)

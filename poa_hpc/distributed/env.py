@@ -108,6 +108,13 @@ def slurm_launch_env(environ: Mapping[str, str] = os.environ) -> Optional[Dict[s
     return env
 
 
+def setup_logging(verbose: bool) -> None:
+    """One voice per job: rank 0 logs at INFO, the other ranks only warn (torchrun's or srun's rank)."""
+    rank = os.environ.get("RANK") or (slurm_launch_env() or {}).get("RANK", "0")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if rank != "0" else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
 def slurm_launch_id(environ: Mapping[str, str] = os.environ) -> str:
     """This srun step's identity: job, step and restart (a requeued job runs its steps again)."""
     return (f"{environ.get('SLURM_JOB_ID', '0')}.{environ.get('SLURM_STEP_ID', '0')}"
@@ -141,12 +148,11 @@ def _slurm_store(rank: int, world: int, timeout: datetime.timedelta, rendezvous_
                                   master_listen_fd=sock.detach())
             store.set(_LAUNCH_KEY, ident)
             try:
-                published.parent.mkdir(parents=True, exist_ok=True)
-                tmp = published.with_name(published.name + ".tmp")
-                tmp.write_text(json.dumps({"host": host, "port": port, "launch": ident}))
-                os.replace(tmp, published)
+                from poa_hpc.files import atomic_write_text
+
+                atomic_write_text(published, json.dumps({"host": host, "port": port, "launch": ident}))
             except OSError as exc:
-                from poa_hpc.train.checkpoint import OutputWriteError
+                from poa_hpc.errors import OutputWriteError
 
                 raise OutputWriteError(f"the run folder could not be written (rank 0 publishes its port in "
                                        f"'{published.parent}'): {exc}") from None

@@ -12,6 +12,7 @@ from poa_hpc.config import POAConfig
 from poa_hpc.data.loader import build_eval_datasets
 from poa_hpc.eval.knn import extract_features, weighted_knn
 from poa_hpc.models.registry import get_backbone
+from poa_hpc.models.subnets import depth_str
 
 
 @dataclass
@@ -53,6 +54,5 @@ def format_table(rows: Sequence[KnnRow], title: str = "") -> str:
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     for r in rows:
-        depth = "-".join(map(str, r.depth)) if isinstance(r.depth, (tuple, list)) else str(r.depth)
-        lines.append(f"{r.name:<22}{r.width:>6}{depth:>10}{r.params_m:>11.3f}{r.gflops:>9.4f}{r.top1:>11.2f}%")
+        lines.append(f"{r.name:<22}{r.width:>6}{depth_str(r.depth):>10}{r.params_m:>11.3f}{r.gflops:>9.4f}{r.top1:>11.2f}%")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from poa_hpc.eval.pareto import pareto_front
+from poa_hpc.models.subnets import depth_str
 
 __all__ = ["read_reference", "plot_sweep", "METRICS"]
 
@@ -107,7 +108,7 @@ def plot_sweep(rows: Sequence[Any], path: str | Path, *, title: str = "",
         for i in labelled:
             if i in idx:
                 r = rows[i]
-                text = f"{r.named} ({r.width}x{_depth(r.depth)})" if r.named else f"{r.width}x{_depth(r.depth)}"
+                text = f"{r.named} ({r.width}x{depth_str(r.depth)})" if r.named else f"{r.width}x{depth_str(r.depth)}"
                 flip = right(r.gflops)  # labels of points in the right half go to their left, inside the axes
                 ax.scatter([r.gflops], [getattr(r, attr)], s=120, facecolors="none", edgecolors="black", lw=1.4,
                            zorder=5)
@@ -154,7 +155,3 @@ def _right_half(values: Sequence[float], log_x: bool):
     f = math.log if log_x else float
     lo, hi = f(min(values)), f(max(values))
     return lambda x: hi > lo and f(x) > (lo + hi) / 2
-
-
-def _depth(depth: Any) -> str:
-    return "-".join(map(str, depth)) if isinstance(depth, (tuple, list)) else str(depth)

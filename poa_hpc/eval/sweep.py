@@ -35,7 +35,7 @@ from poa_hpc.data.loader import build_eval_datasets
 from poa_hpc.eval.knn import knn_features, weighted_knn
 from poa_hpc.eval.linear import BATCH_SIZE, LR_GRID, LinearProbeResult, linear_probe, probe_features
 from poa_hpc.models.registry import get_backbone
-from poa_hpc.models.subnets import Subnet, SubnetSpace
+from poa_hpc.models.subnets import Subnet, depth_str
 
 __all__ = ["SweepRow", "NetResult", "CSV_COLUMNS", "resolve_subnets", "subsample_per_class", "eval_splits",
            "collect_features", "evaluate_networks", "score", "run_sweep", "write_results", "format_sweep_table",
@@ -62,7 +62,7 @@ class SweepRow:
 
     def as_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["depth"] = _depth_str(self.depth)
+        d["depth"] = depth_str(self.depth)
         if self.linear_per_lr is not None:
             d["linear_per_lr"] = {f"{k:g}": v for k, v in self.linear_per_lr.items()}
         return d
@@ -74,56 +74,13 @@ class NetResult:
     linear: Optional[LinearProbeResult]
 
 
-def _depth_str(depth: Any) -> str:
-    return "-".join(map(str, depth)) if isinstance(depth, (tuple, list)) else str(depth)
-
-
-# ------------------------------------------------------------------ sub-network selection
-def _describe_space(space: SubnetSpace, named: Dict[str, Subnet]) -> str:
-    depths = [_depth_str(d) for d in space.depths]
-    shown = depths if len(depths) <= 8 else depths[:3] + ["..."] + depths[-2:]
-    names = []
-    for name, sub in named.items():
-        short = _short_forms(named).get(name)
-        names.append(f"{name}{'/' + short if short else ''} ({sub})")
-    return (f"all, {', '.join(names) + ', ' if names else ''}or WIDTHxDEPTH with widths {list(space.widths)} and "
-            f"depths [{', '.join(shown)}]{'' if names else ' (no named sizes in this space)'}")
-
-
-def _short_forms(named: Dict[str, Subnet]) -> Dict[str, str]:
-    """name -> short form (the part after the last '-', ``ViT-S`` -> ``S``) where no other name shares it."""
-    tails: Dict[str, List[str]] = {}
-    for name in named:
-        tails.setdefault(name.rsplit("-", 1)[-1].lower(), []).append(name)
-    return {names[0]: names[0].rsplit("-", 1)[-1] for t, names in tails.items() if len(names) == 1 and "-" in names[0]}
-
-
 def resolve_subnets(family: str, arch: Any, text: str) -> List[Subnet]:
-    """``--subnets``: ``all``, or comma-separated named sizes (``ViT-S``), their short forms (``S``) and
-    ``WIDTHxDEPTH`` entries (``384x12``, ``64x3-4-6-3``), case-insensitive, duplicates dropped.
-    Raises ``ValueError`` naming the bad entry and what is allowed."""
+    """``--subnets``: :meth:`SubnetSpace.resolve` of the family's space and named sizes."""
     spec = get_backbone(family)
-    space, named = spec.space(arch), spec.named_sizes(arch)
-    by_name = {n.lower(): s for n, s in named.items()}
-    by_short = {short.lower(): named[n] for n, short in _short_forms(named).items()}
-    out: List[Subnet] = []
-    for entry in (e.strip() for e in str(text).split(",")):
-        key = entry.lower()
-        if key == "all":
-            subs = space.all()
-        elif key in by_name or key in by_short:
-            subs = [by_name.get(key) or by_short[key]]
-        else:
-            try:
-                sub = Subnet.parse(entry)
-            except ValueError:
-                sub = None
-            if sub is None or sub not in space:
-                what = "is not a sub-network name" if sub is None else f"is not in the {family} elastic space"
-                raise ValueError(f"--subnets: {entry!r} {what}; allowed: {_describe_space(space, named)}")
-            subs = [sub]
-        out.extend(s for s in subs if s not in out)
-    return out
+    try:
+        return spec.space(arch).resolve(text, spec.named_sizes(arch))
+    except ValueError as exc:
+        raise ValueError(f"--subnets: {exc}") from None
 
 
 # ------------------------------------------------------------------ data
@@ -412,7 +369,7 @@ def format_sweep_table(rows: Sequence[SweepRow], title: str = "") -> str:
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     for r in rows:
-        line = (f"{r.name:<22}{r.named:<8}{r.width:>6}{_depth_str(r.depth):>10}{r.params_m:>11.3f}"
+        line = (f"{r.name:<22}{r.named:<8}{r.width:>6}{depth_str(r.depth):>10}{r.params_m:>11.3f}"
                 f"{r.gflops:>10.4f}")
         line += f"{pct(r.knn_top1):>9}" * has_knn
         if has_lin:

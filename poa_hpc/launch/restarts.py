@@ -42,10 +42,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from poa_hpc.launch.slurm import SlurmError, job_id, requeue_job
-from poa_hpc.launch.status import (EXIT_GAVE_UP, EXIT_USAGE, FATAL_EXIT_CODES, clear_rank_reports, rank_reports,
-                                   read_state, write_state)
-from poa_hpc.train.checkpoint import LEGACY_STEP, newest_step
+from poa_hpc.checkpoint.layout import newest_step
+from poa_hpc.errors import EXIT_GAVE_UP, EXIT_USAGE, FATAL_EXIT_CODES, SlurmError
+from poa_hpc.launch.slurm import job_id, requeue_job
+from poa_hpc.launch.status import clear_rank_reports, rank_reports, read_state, write_state
 
 DEFAULT_MAX_RESTARTS = 3
 
@@ -55,7 +55,7 @@ def _say(text: str) -> None:
 
 
 def _step_text(step: Optional[int]) -> str:
-    return "none" if step is None else "last.pt" if step == LEGACY_STEP else f"step {step}"
+    return "none" if step is None else f"step {step}"
 
 
 def _signal_text(code: int) -> str:
@@ -242,7 +242,8 @@ def end(run_dir: Path, code: int, max_restarts: int, log_pattern: Optional[str])
 def _run_dir(args: argparse.Namespace) -> Path:
     if args.run_dir:
         return Path(args.run_dir).expanduser().resolve()
-    from poa_hpc.config import ConfigError, load_config
+    from poa_hpc.config import load_config
+    from poa_hpc.errors import ConfigError
 
     if not args.config:
         raise ConfigError("give --run-dir or --config (the training config, with its overrides)")
@@ -262,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--config", default=None)
     p.add_argument("overrides", nargs="*", default=[])
     args = p.parse_intermixed_args(argv)  # overrides may follow the options
-    from poa_hpc.config import ConfigError
+    from poa_hpc.errors import ConfigError
 
     try:
         run_dir = _run_dir(args)

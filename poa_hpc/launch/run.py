@@ -20,7 +20,8 @@ import signal
 from typing import Dict, Tuple
 
 from poa_hpc.config import POAConfig
-from poa_hpc.launch.slurm import SlurmError, job_id, requeue_job
+from poa_hpc.errors import SlurmError
+from poa_hpc.launch.slurm import job_id, requeue_job
 from poa_hpc.launch.status import RankReport, describe
 from poa_hpc.train.stop import StopRequest
 from poa_hpc.train.trainer import train

@@ -9,7 +9,7 @@ from typing import Mapping, Optional
 
 from poa_hpc.errors import SlurmError
 
-__all__ = ["job_id", "requeue_job", "parse_time_minutes", "SlurmError"]
+__all__ = ["job_id", "requeue_job", "parse_time_minutes"]
 
 
 def job_id(environ: Mapping[str, str] = os.environ) -> Optional[str]:

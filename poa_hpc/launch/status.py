@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from poa_hpc.errors import EXIT_CRASH, EXIT_USAGE, PoaError
+from poa_hpc.files import atomic_write_text
 from poa_hpc.launch.slurm import job_id
-
-from poa_hpc.errors import (EXIT_CRASH, EXIT_GAVE_UP, EXIT_NONFINITE, EXIT_USAGE, EXIT_WRITE,  # noqa: F401
-                            FATAL_EXIT_CODES, PoaError)
 
 STATUS_DIR = "status"
 
@@ -49,10 +48,7 @@ def status_dir(run_dir: str | Path) -> Path:
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -71,7 +67,7 @@ class RankReport:
                      "host": socket.gethostname(), "pid": os.getpid()}
 
     @classmethod
-    def for_run(cls, run_dir: str | Path) -> Optional["RankReport"]:
+    def for_run(cls, run_dir: str | Path) -> Optional[RankReport]:
         """This process's report in a Slurm job (torchrun's ``RANK`` or srun's ``SLURM_PROCID``); else ``None``."""
         jid = job_id()
         if not jid:

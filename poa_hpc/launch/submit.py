@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 from poa_hpc.config import POAConfig, load_config, to_yaml
-from poa_hpc.errors import SubmitError
+from poa_hpc.errors import EXIT_GAVE_UP, SubmitError
+from poa_hpc.files import atomic_write_text
 from poa_hpc.launch.restarts import DEFAULT_MAX_RESTARTS
 from poa_hpc.launch.slurm import parse_time_minutes
-from poa_hpc.launch.status import EXIT_GAVE_UP, read_state
+from poa_hpc.launch.status import read_state
 
 log = logging.getLogger("poa_hpc.launch")
 
@@ -46,7 +46,7 @@ class TrainTask:
         self.config_path = config_path
 
     def __call__(self) -> Dict[str, object]:
-        from poa_hpc.cli import setup_logging
+        from poa_hpc.distributed.env import setup_logging
         from poa_hpc.launch.run import run_training
         from poa_hpc.launch.status import classify_error, exit_rank
 
@@ -106,12 +106,7 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _freeze_config(cfg: POAConfig, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "submitted_config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out_dir / "submitted_config.yaml", to_yaml(cfg))
 
 
 def _slurm_message(exc: BaseException) -> str:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from poa_hpc.files import atomic_write
 from poa_hpc.models.registry import backbone_names, get_backbone
 from poa_hpc.models.subnets import Subnet
 
@@ -39,7 +38,7 @@ def save_subnet(path: str | Path, family: str, arch: Any, state: Dict[str, torch
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": get_backbone(family).format, "arch": json.dumps(dataclasses.asdict(arch))}
     metadata.update({k: json.dumps(v) for k, v in meta.items()})
-    _atomic_write(path, lambda tmp: save_file({k: v.float().contiguous() for k, v in state.items()}, tmp,
+    atomic_write(path, lambda tmp: save_file({k: v.float().contiguous() for k, v in state.items()}, tmp,
                                               metadata=metadata))
     return path
 
@@ -98,20 +97,22 @@ def export_timm(path: str | Path, family: str, arch: Any, state: Dict[str, torch
     path = Path(path)
     weights, info = path.with_suffix(".safetensors"), path.with_suffix(".json")
     weights.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(weights, lambda tmp: save_file({k: v.float().contiguous() for k, v in e.state.items()}, tmp))
+    atomic_write(weights, lambda tmp: save_file({k: v.float().contiguous() for k, v in e.state.items()}, tmp))
     meta = {"timm_model": e.model, "timm_kwargs": e.kwargs, "timm_attributes": e.attributes,
             "input_size": [getattr(arch, "in_chans", 3), size, size], "mean": list(mean), "std": list(std),
             "poa_hpc": {"family": family, "arch": dataclasses.asdict(arch), **provenance}}
-    _atomic_write(info, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(info, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return weights, info
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def extract_to(backbone, subs, out: Path, single_file: bool, step: int, source: str, config: dict) -> list:
+    """Write each sub-network of ``subs`` of the elastic ``backbone`` as a poa_hpc safetensors file: ``out``
+    itself (``single_file``) or ``out/<family>_<sub>.safetensors``; ``config`` (the run's, as a dict) is recorded."""
+    paths = []
+    for sub in subs:
+        arch, state = extract_state_dict(backbone, sub)
+        path = out if single_file else out / f"{backbone.family}_{sub}.safetensors"
+        save_subnet(path, backbone.family, arch, state, width=sub.width, depth=sub.depth, step=step, source=source,
+                    config=config)
+        paths.append(path)
+    return paths

@@ -31,17 +31,21 @@ import numpy as np
 Depth = Union[int, Tuple[int, ...]]
 
 
+def depth_str(depth: Depth) -> str:
+    """``12``, or ``3-4-6-3`` for per-stage depths: how a depth is written everywhere (names, tables, plots)."""
+    return "-".join(map(str, depth)) if isinstance(depth, (tuple, list)) else str(depth)
+
+
 @dataclass(frozen=True, order=True)
 class Subnet:
     width: int
     depth: Depth
 
     def __str__(self) -> str:
-        d = "-".join(map(str, self.depth)) if isinstance(self.depth, tuple) else str(self.depth)
-        return f"{self.width}x{d}"
+        return f"{self.width}x{depth_str(self.depth)}"
 
     @classmethod
-    def parse(cls, text: str) -> "Subnet":
+    def parse(cls, text: str) -> Subnet:
         """``WIDTHxDEPTH`` (``384x12``) or ``WIDTHxD1-D2-...`` for per-stage depths (``64x3-4-6-3``)."""
         try:
             w, d = text.lower().split("x")
@@ -89,12 +93,49 @@ class SubnetSpace:
 
     def check(self, sub: Subnet) -> Subnet:
         if sub not in self:
-            depths = [str(Subnet(0, d)).split("x", 1)[1] for d in self.depths]
+            depths = [depth_str(d) for d in self.depths]
             shown = depths if len(depths) <= 16 else depths[:3] + ["..."] + depths[-3:]
             raise ValueError(
                 f"sub-network {sub} is not in the elastic space: widths {list(self.widths)}, depths {shown}"
             )
         return sub
+
+    def resolve(self, text: str, named: Optional[Dict[str, Subnet]] = None) -> List[Subnet]:
+        """The sub-networks ``text`` names: ``all``, or comma-separated named sizes (``ViT-S``), their short
+        forms (``S``) and ``WIDTHxDEPTH`` entries (``384x12``, ``64x3-4-6-3``), case-insensitive, duplicates
+        dropped.  ``named``: the family's named sizes.  Raises ``ValueError`` naming the bad entry and what
+        is allowed."""
+        named = named or {}
+        by_name = {n.lower(): s for n, s in named.items()}
+        by_short = {short.lower(): named[n] for n, short in short_forms(named).items()}
+        out: List[Subnet] = []
+        for entry in (e.strip() for e in str(text).split(",")):
+            key = entry.lower()
+            if key == "all":
+                subs = self.all()
+            elif key in by_name or key in by_short:
+                subs = [by_name.get(key) or by_short[key]]
+            else:
+                try:
+                    sub = Subnet.parse(entry)
+                except ValueError:
+                    sub = None
+                if sub is None or sub not in self:
+                    what = "is not a sub-network name" if sub is None else "is not in the elastic space"
+                    raise ValueError(f"{entry!r} {what}; allowed: {self.describe(named)}")
+                subs = [sub]
+            out.extend(s for s in subs if s not in out)
+        return out
+
+    def describe(self, named: Optional[Dict[str, Subnet]] = None) -> str:
+        """What :meth:`resolve` accepts, in one line."""
+        named = named or {}
+        depths = [depth_str(d) for d in self.depths]
+        shown = depths if len(depths) <= 8 else depths[:3] + ["..."] + depths[-2:]
+        shorts = short_forms(named)
+        names = [f"{name}{'/' + shorts[name] if name in shorts else ''} ({sub})" for name, sub in named.items()]
+        return (f"all, {', '.join(names) + ', ' if names else ''}or WIDTHxDEPTH with widths {list(self.widths)} and "
+                f"depths [{', '.join(shown)}]{'' if names else ' (no named sizes in this space)'}")
 
     def weights(self) -> Dict[Subnet, int]:
         """Eq. 14 integer weights, intact pair excluded (it is trained by the intact branch)."""
@@ -109,6 +150,14 @@ class SubnetSpace:
         w = self.weights()
         total = sum(w.values())
         return {k: v / total for k, v in w.items()}
+
+
+def short_forms(named: Dict[str, Subnet]) -> Dict[str, str]:
+    """name -> short form (the part after the last '-', ``ViT-S`` -> ``S``) where no other name shares it."""
+    tails: Dict[str, List[str]] = {}
+    for name in named:
+        tails.setdefault(name.rsplit("-", 1)[-1].lower(), []).append(name)
+    return {names[0]: names[0].rsplit("-", 1)[-1] for t, names in tails.items() if len(names) == 1 and "-" in names[0]}
 
 
 def _seed(*parts: object) -> int:

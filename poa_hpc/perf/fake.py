@@ -12,9 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from poa_hpc.config import POAConfig
+from poa_hpc.errors import ConfigError
 from poa_hpc.models.registry import get_backbone
 
-__all__ = ["meta_model", "synthetic_batch", "masked_tokens", "tokens_per_crop", "MetaMemo"]
+__all__ = ["meta_model", "synthetic_batch", "masked_tokens", "tokens_per_crop", "MetaMemo", "fake_process_group"]
 
 
 def meta_model(cfg: POAConfig):
@@ -141,3 +142,19 @@ class MetaMemo(TorchDispatchMode):
         if all(isinstance(o, torch.Tensor) for o in flat_out):
             self.cache[key] = (spec, [(tuple(o.shape), o.stride(), o.dtype) for o in flat_out])
         return out
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """A fake process group of ``world_size`` ranks (this process is rank 0; collectives do nothing)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise ConfigError("poa estimate memory runs its own fake process group; call it outside a distributed run")
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

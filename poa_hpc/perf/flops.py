@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -249,7 +249,7 @@ def count_step(cfg: POAConfig, sub: Optional[Subnet] = None, *, n_masked: Option
         model.student.zero_grad(set_to_none=False)
         if optimizer:
             opt = build_optimizer(model.student.named_parameters(), cfg)
-            from poa_hpc.train.optim import clip_grad_norm_tensor
+            from poa_hpc.distributed.engines import clip_grad_norm_tensor
 
             counts = _count(lambda: (clip_grad_norm_tensor(model.student.parameters(), cfg.optim.clip_grad),
                                      opt.step()))
@@ -340,7 +340,7 @@ def elastic_counter(cfg: POAConfig, *, n_masked: Optional[int] = None, ibot: boo
     def count(sub: Subnet) -> int:
         def run():
             out = model.student_outputs(inp, sub, ibot)
-            loss, _ = model._branch_loss(out, targets, inp, ibot, 1 - cfg.loss.lam, same_view)
+            loss, _ = model.branch_loss(out, targets, inp, ibot, 1 - cfg.loss.lam, same_view)
             loss.backward()
 
         with memo, attention_kernel(attention):

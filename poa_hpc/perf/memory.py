@@ -36,7 +36,6 @@ tensors) around the step's activations measured with whole parameters.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import gc
@@ -46,15 +45,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
 from poa_hpc.config import POAConfig
+from poa_hpc.distributed.registry import engine_names, get_engine
 from poa_hpc.errors import ConfigError
-from poa_hpc.perf.fake import PhasedDispatchMode
 from poa_hpc.models.subnets import Subnet
+from poa_hpc.perf.fake import PhasedDispatchMode, fake_process_group
 
-__all__ = ["MemoryTracker", "estimate_memory", "MemoryReport", "estimate_memory_cli"]
+__all__ = ["MemoryTracker", "estimate_memory", "MemoryReport", "fake_step"]
 
 GiB = 2 ** 30
 
@@ -199,7 +198,7 @@ class MemoryTracker(PhasedDispatchMode):
     def category(self, aid: int) -> str:
         return self.kind.get(aid) or f"activations/temporaries, {self.label[aid]}"
 
-    def replay(self, start: int = 0) -> "MemoryReport":
+    def replay(self, start: int = 0) -> MemoryReport:
         """Peak and its breakdown over the events from ``start`` (with the labels known now)."""
         by: Dict[str, int] = {}
         total = peak = 0
@@ -306,20 +305,6 @@ def cuda_autocast_policy():
 
 
 # ---------------------------------------------------------------------------- the fake step
-@contextlib.contextmanager
-def fake_process_group(world_size: int):
-    """A fake process group of ``world_size`` ranks (this process is rank 0; collectives do nothing)."""
-    if dist.is_initialized():
-        raise ConfigError("poa estimate memory runs its own fake process group; call it outside a distributed run")
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def estimate_memory(cfg: POAConfig, world_size: int = 1, *, engine: Optional[str] = None,
                     sub: Optional[Subnet] = None, n_masked: Optional[int] = None, target: str = "cuda",
                     ibot: bool = True, batch_size: Optional[int] = None) -> MemoryReport:
@@ -338,20 +323,28 @@ def estimate_memory(cfg: POAConfig, world_size: int = 1, *, engine: Optional[str
     if batch_size:
         cfg.optim.batch_size = batch_size
     engine = engine or ("fsdp" if world_size > 1 else "none")
-    if engine not in ("none", "fsdp", "deepspeed"):
-        raise ConfigError(f"--engine: {engine!r}, expected fsdp, deepspeed or none (ddp: use fsdp's numbers "
-                          "without sharding, or none)")
-    if engine == "none" and world_size > 1:
-        raise ConfigError("--engine none runs one process: use --world-size 1")
+    if engine not in memory_engines():
+        others = [n for n in engine_names() if n not in memory_engines()]
+        raise ConfigError(f"--engine: {engine!r}, expected one of {list(memory_engines())}"
+                          + (f" (no memory estimate for {', '.join(others)}: use fsdp's numbers without sharding, "
+                             "or none)" if others else ""))
+    spec = get_engine(engine)
+    if not spec.distributed and world_size > 1:
+        raise ConfigError(f"--engine {engine} runs one process: use --world-size 1")
     if target not in ("cuda", "cpu"):
         raise ConfigError(f"--target: {target!r}, expected cuda or cpu")
     if world_size < 1:
         raise ConfigError("--world-size must be >= 1")
     M = masked_tokens(cfg, sigmas=4.0) if n_masked is None else int(n_masked)
-    if engine == "deepspeed":
-        return _deepspeed(cfg, world_size, sub, M, target, ibot)
-    with fake_process_group(world_size) if engine == "fsdp" else contextlib.nullcontext():
-        return _fake_step(cfg, world_size, engine, sub, M, target, ibot)
+    if spec.memory == "analytic":
+        return _analytic_states(cfg, spec, world_size, sub, M, target, ibot)
+    with fake_process_group(world_size) if spec.distributed else contextlib.nullcontext():
+        return fake_step(cfg, world_size, engine, sub, M, target, ibot)
+
+
+def memory_engines() -> tuple:
+    """The registered engines ``poa estimate memory`` can estimate."""
+    return tuple(n for n in engine_names() if get_engine(n).memory)
 
 
 def _largest_drawn(space) -> Subnet:
@@ -359,14 +352,14 @@ def _largest_drawn(space) -> Subnet:
     return max(space.weights(), key=lambda s: (s.width, s.depth if isinstance(s.depth, int) else sum(s.depth)))
 
 
-def _fake_step(cfg: POAConfig, world_size: int, engine_name: str, sub: Optional[Subnet], n_masked: int,
+def fake_step(cfg: POAConfig, world_size: int, engine_name: str, sub: Optional[Subnet], n_masked: int,
                target: str, ibot: bool, modes: tuple = ()) -> MemoryReport:
     """One step on fake tensors under a :class:`MemoryTracker`; ``modes``: more dispatch modes to run the step's
     ops through (e.g. :class:`poa_hpc.perf.comm.CommCounter`), entered inside the tracker."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from poa_hpc.distributed.engines import ENGINES
     from poa_hpc.distributed.env import DistContext
+    from poa_hpc.distributed.registry import engine_class
     from poa_hpc.models.ops import attention_kernel
     from poa_hpc.perf.fake import meta_model, synthetic_batch
     from poa_hpc.train.optim import apply_schedules, build_optimizer
@@ -381,8 +374,8 @@ def _fake_step(cfg: POAConfig, world_size: int, engine_name: str, sub: Optional[
     dcfg = copy.deepcopy(cfg.dist)
     dcfg.engine = engine_name
     ctx = DistContext(0, world_size, 0, torch.device("cuda" if cuda else "cpu"))
-    engine = ENGINES[engine_name](dcfg, ctx, amp, cfg.optim.clip_grad, cfg.optim.batch_size)
-    if engine_name == "fsdp":
+    engine = engine_class(engine_name)(dcfg, ctx, amp, cfg.optim.clip_grad, cfg.optim.batch_size)
+    if get_engine(engine_name).distributed and hasattr(engine, "mesh"):  # an engine that shards over a mesh
         from torch.distributed.device_mesh import init_device_mesh
 
         engine.mesh = init_device_mesh("cpu", (world_size,))
@@ -463,23 +456,25 @@ def _relabel_states(tracker: MemoryTracker, model, optimizer) -> None:
     tracker.relabel(states, "optimizer state")
 
 
-def _deepspeed(cfg: POAConfig, world_size: int, sub: Optional[Subnet], n_masked: int, target: str,
-               ibot: bool) -> MemoryReport:
-    """ZeRO stage ``dist.zero_stage`` (Rajbhandari et al. 2020): the step's activations and temporaries measured on
-    fake tensors with whole fp32 parameters (``engine none``), with the states replaced by ZeRO's: fp32 parameters
-    (stage 3: 1/N of them plus one gathered block), fp32 gradients (stage >= 2: 1/N plus DeepSpeed's reduce bucket),
-    AdamW's moments and fp32 partition (1/N), the teacher (stage 3: 1/N)."""
+def _analytic_states(cfg: POAConfig, spec, world_size: int, sub: Optional[Subnet], n_masked: int, target: str,
+                     ibot: bool) -> MemoryReport:
+    """An engine whose states follow its :class:`~poa_hpc.distributed.registry.Sharding` (DeepSpeed ZeRO stage
+    ``dist.zero_stage``, Rajbhandari et al. 2020): the step's activations and temporaries measured on fake tensors
+    with whole fp32 parameters (``engine none``), with the states replaced: fp32 parameters (sharded, ZeRO-3: 1/N of
+    them plus one gathered block), fp32 gradients (sharded, ZeRO >= 2: 1/N plus DeepSpeed's reduce bucket), AdamW's
+    moments and fp32 partition (1/N), the teacher (parameters sharded: 1/N)."""
     stage = int(cfg.dist.zero_stage)
-    base = _fake_step(cfg, 1, "none", sub, n_masked, target, ibot)
+    shard = spec.sharding(cfg.dist)
+    base = fake_step(cfg, 1, "none", sub, n_masked, target, ibot)
     n, t = base.info["student_params"], base.info["teacher_params"]
     N = world_size
     ds = dict(cfg.dist.deepspeed.get("zero_optimization", {})) if isinstance(cfg.dist.deepspeed, dict) else {}
     bucket = int(float(ds.get("reduce_bucket_size", 5e8)))
     states = {
-        "parameters: student": 4 * n / (N if stage == 3 else 1),
-        "parameters: teacher": 4 * t / (N if stage == 3 else 1),
-        "gradients": 4 * n / N + 4 * min(bucket, n) if stage >= 2 else 4 * n,
-        "optimizer state": (8 + 4) * n / N,  # moments + ZeRO's fp32 partition
+        "parameters: student": 4 * n / (N if shard.params else 1),
+        "parameters: teacher": 4 * t / (N if shard.params else 1),
+        "gradients": 4 * n / N + 4 * min(bucket, n) if shard.grads else 4 * n,
+        "optimizer state": (8 + 4) * n / (N if shard.optimizer else 1),  # moments + ZeRO's fp32 partition
     }
     measured_states = sum(v for k, v in base.breakdown.items() if not k.startswith("activations") and k != "batch")
     activations = base.peak - measured_states
@@ -488,41 +483,6 @@ def _deepspeed(cfg: POAConfig, world_size: int, sub: Optional[Subnet], n_masked:
                                      **{k: v for k, v in base.breakdown.items()
                                         if k.startswith("activations") or k == "batch"}},
                           phase_peaks={}, info=dict(base.info))
-    report.info.update({"engine": f"deepspeed (ZeRO-{stage}, states analytic)", "world_size": N,
+    report.info.update({"engine": f"{spec.name} (ZeRO-{stage}, states analytic)", "world_size": N,
                         "reduce_bucket_elements": bucket})
     return report
-
-
-# ---------------------------------------------------------------------------- CLI
-def estimate_memory_cli(argv: List[str]) -> int:
-    import time
-
-    from poa_hpc.bench.common import write_result
-    from poa_hpc.perf.cli import _common, _config, _sub
-
-    p = argparse.ArgumentParser(prog="poa estimate memory", description="Peak device memory per rank of one POA step "
-                                "(fake tensors, fake process group, the real engine), with its breakdown.")
-    _common(p)
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--engine", choices=("fsdp", "deepspeed", "none"), help="default: fsdp (none for world size 1)")
-    p.add_argument("--sub", help="elastic sub-network WxD or a named size (default: the largest eq. 14 draws)")
-    p.add_argument("--masked", type=int, help="masked patches on this rank (default: mean + 4 sigma of DINOv2's plan)")
-    p.add_argument("--target", choices=("cuda", "cpu"), default="cuda", help="device semantics (default: cuda)")
-    p.add_argument("--no-ibot", action="store_true", help="a step before iBOT starts")
-    args = p.parse_args(argv)
-    cfg = _config(args)
-    sub = _sub(args.sub, cfg)
-    t0 = time.perf_counter()
-    rep = estimate_memory(cfg, args.world_size, engine=args.engine, sub=sub, n_masked=args.masked,
-                          target=args.target, ibot=not args.no_ibot)
-    i = rep.info
-    print(f"Predicted peak memory per rank ({i['target']} semantics; a prediction on fake tensors): {cfg.model.arch}, "
-          f"{i['engine']} on {i['world_size']} ranks, batch {i['batch_per_rank']}/rank, elastic {i['sub']}, "
-          f"{i['n_masked']} masked patches, {'bf16' if i['bf16'] else 'fp32'}, attention: {i['attention_kernel']}, "
-          f"activation checkpointing {'on' if i['activation_checkpointing'] else 'off'}")
-    print(rep.table())
-    print(f"peak in: {rep.peak_phase}  ({time.perf_counter() - t0:.0f} s)")
-    write_result("memory", [{"part": k, "bytes": v} for k, v in rep.breakdown.items()], args.out,
-                 {"config": args.config, "overrides": args.overrides, **rep.to_dict()},
-                 device=f"none (fake tensors, {args.target} semantics)")
-    return 0

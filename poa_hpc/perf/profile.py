@@ -16,19 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import time
 from pathlib import Path
-from typing import List
 
 from poa_hpc.errors import ConfigError
 
-__all__ = ["run", "add_arguments", "profile"]
-
-
-def run(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="poa profile", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return profile(p.parse_args(argv))
+__all__ = ["add_arguments", "profile"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def profile(args: argparse.Namespace) -> int:
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
 
     from poa_hpc.config import load_config
     from poa_hpc.data.loader import build_train_loader

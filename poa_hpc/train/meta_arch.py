@@ -119,7 +119,7 @@ class StepInputs:
     masks_weight: torch.Tensor  # (M,)
 
     @classmethod
-    def from_batch(cls, batch: Dict[str, torch.Tensor], device: torch.device) -> "StepInputs":
+    def from_batch(cls, batch: Dict[str, torch.Tensor], device: torch.device) -> StepInputs:
         local = batch.get("local_crops")
         return cls(
             global_crops=batch["global_crops"].to(device, non_blocking=True),
@@ -176,8 +176,8 @@ class POA(nn.Module):
         return (self.student_call or self.student)(inp.global_crops, inp.local_crops, inp.masks if ibot else None,
                                                    inp.mask_indices if ibot else None, sub.width, sub.depth)
 
-    def _branch_loss(self, out: Dict[str, object], targets, inp: StepInputs, ibot: bool, lam: float,
-                     same_view: Optional[List[Logits]] = None):
+    def branch_loss(self, out: Dict[str, object], targets, inp: StepInputs, ibot: bool, lam: float,
+                    same_view: Optional[List[Logits]] = None):
         """``(loss, terms)`` of one student branch: the differentiable branch loss (DINO and iBOT weighted by
         ``lam``, same-view when ``same_view`` holds the intact logits per head, KoLeo) and its terms
         averaged over heads (unweighted), as 0-d tensors."""
@@ -262,7 +262,7 @@ class POA(nn.Module):
         with phase("intact"):
             with ctx():
                 intact = self.student_outputs(inp, self.intact, ibot)
-                loss_i, ti = self._branch_loss(intact, targets, inp, ibot, lam)
+                loss_i, ti = self.branch_loss(intact, targets, inp, ibot, lam)
                 # The elastic branch's same-view targets: the intact [CLS] logits, detached, kept as (z, W).
                 n_cls = intact["rows"][0] + intact["rows"][1]
                 same_view = [Logits(z[:n_cls], w) for z, w in intact["heads"]]
@@ -271,7 +271,7 @@ class POA(nn.Module):
         with phase("elastic"):
             with ctx():
                 elastic = self.student_outputs(inp, sub, ibot)
-                loss_e, te = self._branch_loss(elastic, targets, inp, ibot, 1 - lam, same_view)
+                loss_e, te = self.branch_loss(elastic, targets, inp, ibot, 1 - lam, same_view)
             backward(loss_e)
             del elastic
         out = {"loss": loss_i.detach() + loss_e.detach()}

@@ -16,7 +16,6 @@ family spec (``poa_hpc.models.registry``), as timm's optimizer factory reads a m
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
@@ -24,7 +23,7 @@ import torch
 from poa_hpc.config import POAConfig
 from poa_hpc.models.registry import get_backbone
 
-__all__ = ["param_groups", "build_optimizer", "apply_schedules", "clip_grad_norm", "clip_grad_norm_tensor", "clean_name", "ParamRules"]
+__all__ = ["param_groups", "build_optimizer", "apply_schedules", "clean_name", "ParamRules"]
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -111,25 +110,3 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float, last
         base = last_layer_lr if g.get("is_last_layer", False) else lr
         g["lr"] = float(base) * g.get("lr_multiplier", 1.0)
         g["weight_decay"] = float(wd) * g.get("wd_multiplier", 1.0)
-
-
-def clip_grad_norm_tensor(params: Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:
-    """Total L2 norm of the gradients (before clipping) as a 0-d tensor on their device (no host
-    synchronisation); clips if ``max_norm > 0``.
-
-    Uses the foreach kernels where torch supports them for the device (``foreach=None``:
-    CUDA uses them, other devices silently fall back).  Parameters without grad are ignored.
-    """
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    if max_norm is not None and max_norm > 0 and math.isfinite(max_norm):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=None)
-    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=None)
-
-
-def clip_grad_norm(params: Iterable[torch.Tensor] | torch.Tensor, max_norm: float) -> float:
-    """:func:`clip_grad_norm_tensor` as a float (one host synchronisation)."""
-    return float(clip_grad_norm_tensor(params, max_norm))

@@ -25,16 +25,24 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from poa_hpc.config import ConfigError, POAConfig, flatten, to_dict, to_yaml
+from poa_hpc.checkpoint.layout import LAST, point_last, set_aside, step_file
+from poa_hpc.config import POAConfig, flatten, to_dict, to_yaml
 from poa_hpc.data.loader import build_train_loader
 from poa_hpc.distributed.engines import build_engine
-from poa_hpc.distributed.env import all_reduce_mean, barrier, broadcast_object, gather_objects, init_distributed, shutdown
-from poa_hpc.errors import NonFiniteLossError, ResumeError
+from poa_hpc.distributed.env import (
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    shutdown,
+)
+from poa_hpc.errors import ConfigError, NonFiniteLossError, OutputWriteError, ResumeError
+from poa_hpc.files import atomic_write_text
 from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
 from poa_hpc.perf.timing import StepTimer
-from poa_hpc.train.checkpoint import LAST, LEGACY_STEP, OutputWriteError, point_last, set_aside, step_file
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.schedules import build_schedules, phase_steps
@@ -86,9 +94,7 @@ class MetricsLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.exists():  # drop what a killed run logged after the checkpoint it resumes from
                 kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start_step]
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(ln + "\n" for ln in kept))
-                os.replace(tmp, path)
+                atomic_write_text(path, "".join(ln + "\n" for ln in kept))
             self.f = path.open("a")
         except OSError as exc:
             raise OutputWriteError(f"the metrics log '{path}' could not be written: {exc}") from None
@@ -160,7 +166,7 @@ def resume_newest(engine, ckpt_dir: Path, cfg: POAConfig, ctx) -> Optional[dict]
             skipped.append((step, problems[0]))
             older = f"trying the previous one (step {steps[len(skipped)]})" if len(skipped) < len(steps) else "no older one"
             log.warning("cannot resume from the checkpoint of step %s: %s; %s",
-                        "(last.pt)" if step == LEGACY_STEP else step, problems[0], older)
+                        step, problems[0], older)
             continue
         try:
             meta = engine.load(ckpt_dir, step=step,
@@ -170,11 +176,10 @@ def resume_newest(engine, ckpt_dir: Path, cfg: POAConfig, ctx) -> Optional[dict]
         if skipped and ctx.is_main:
             for bad, _ in skipped:
                 f = step_file(ckpt_dir, bad)
-                if bad != LEGACY_STEP and f.exists():
+                if f.exists():
                     os.replace(f, f.with_name(f.name + ".unreadable"))
                     log.warning("set aside %s as %s.unreadable", f, f.name)
-            if step != LEGACY_STEP:
-                point_last(ckpt_dir, step)
+            point_last(ckpt_dir, step)
         barrier()
         if skipped:
             log.warning("resumed from the checkpoint of step %d instead of step %s (see above)", int(meta["step"]),

@@ -23,32 +23,32 @@ import datetime
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Set
 
-from poa_hpc.errors import OutputWriteError  # noqa: F401  (re-exported for the engines)
+from poa_hpc.errors import ResumeError
+from poa_hpc.files import atomic_write, fsync_dir
 
 LAST = "last.pt"
-# A checkpoint written before the history existed: ``last.pt`` as a plain file (and ``last_dcp/``
-# for FSDP, ``deepspeed/latest`` for DeepSpeed).  It is resumed from when no step file exists.
-LEGACY_STEP = -1
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 
 
 def step_file(ckpt_dir: str | Path, step: int) -> Path:
-    """The committed checkpoint file of ``step`` (``last.pt`` for the legacy layout)."""
-    return Path(ckpt_dir) / (LAST if step == LEGACY_STEP else f"step_{step:08d}.pt")
+    """The committed checkpoint file of ``step``."""
+    return Path(ckpt_dir) / f"step_{step:08d}.pt"
 
 
 def committed_steps(ckpt_dir: str | Path) -> List[int]:
-    """Steps with a committed checkpoint, newest first (``[LEGACY_STEP]`` for a pre-history run folder)."""
+    """Steps with a committed checkpoint, newest first.  A folder of the layout before the per-step history
+    (``last.pt`` as a plain file and no step file) is a :class:`ResumeError`."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
     steps = sorted((int(m.group(1)) for m in map(_STEP_FILE.match, os.listdir(d)) if m), reverse=True)
     if not steps and (d / LAST).is_file() and not (d / LAST).is_symlink():
-        return [LEGACY_STEP]
+        raise ResumeError(f"'{d}' holds a checkpoint of an older poa_hpc layout (last.pt without step_XXXXXXXX.pt "
+                          "files): resume it with the poa_hpc version that wrote it, or train into another "
+                          "train.output_dir")
     return steps
 
 
@@ -57,31 +57,10 @@ def newest_step(ckpt_dir: str | Path) -> Optional[int]:
     return steps[0] if steps else None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | Path) -> Path:
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=True)
 
 
 def point_last(ckpt_dir: str | Path, step: int) -> None:
@@ -99,7 +78,7 @@ def point_last(ckpt_dir: str | Path, step: int) -> None:
     except OSError:
         os.link(target, tmp)
     os.replace(tmp, d / LAST)
-    _fsync_dir(d)
+    fsync_dir(d)
 
 
 def last_step(ckpt_dir: str | Path) -> Optional[int]:
@@ -178,7 +157,7 @@ def resolve(path: str | Path, step: Optional[int] = None) -> Path:
         return d / LAST
     f = step_file(d, step)
     if not f.is_file():
-        have = [s for s in committed_steps(d) if s != LEGACY_STEP]
+        have = committed_steps(d)
         raise FileNotFoundError(f"no checkpoint of step {step} in '{d}' (kept steps: "
                                 f"{', '.join(map(str, sorted(have))) or 'none'})")
     return f

@@ -1,4 +1,4 @@
-"""What every benchmark records next to its rows: date, device, library versions, commit."""
+"""Benchmark and estimate results: the JSON every benchmark and estimator writes next to its rows (date, device, library versions, commit)."""
 
 from __future__ import annotations
 
