@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from poa_hpc.config import ConfigError, flatten
 from poa_hpc.distributed.env import DistContext, barrier, gather_objects
+from poa_hpc.checkpoint.manifest import manifest_path, write_manifest
 from poa_hpc.train.checkpoint import (LEGACY_STEP, OutputWriteError, atomic_save, committed_steps,
                                       describe_write_error, last_step, point_last, remove_path, retained, step_file)
 from poa_hpc.train.optim import clip_grad_norm_tensor
@@ -172,6 +173,7 @@ class Engine:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             if path.exists():  # saving a step again (after a fallback): uncommit it before rewriting its state
                 path.unlink()
+            remove_path(manifest_path(ckpt_dir, step))
 
         self._write_phase(ckpt_dir, step, prepare if main else None)
         self._save_state(ckpt_dir, step, meta)
@@ -181,6 +183,8 @@ class Engine:
             atomic_save(payload, path)
             self._committed(ckpt_dir, step)
             point_last(ckpt_dir, step)
+            # last: every file's hash, so resume detects bytes changed after writing
+            write_manifest(ckpt_dir, step, [path, *self._state_paths(ckpt_dir, step)])
 
         self._write_phase(ckpt_dir, step, commit if main else None)
         del payload
@@ -206,6 +210,7 @@ class Engine:
         dropped = [s for s in steps if s not in keep]
         for s in dropped:
             remove_path(step_file(ckpt_dir, s))
+            remove_path(manifest_path(ckpt_dir, s))
             for p in self._state_paths(ckpt_dir, s):
                 remove_path(p)
         for s, p in self._states_on_disk(ckpt_dir):
