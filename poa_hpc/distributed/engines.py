@@ -487,6 +487,35 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _DeferredWrites:
+    """A DeepSpeed checkpoint engine whose writes (save, makedirs, create, commit) record their first
+    error instead of raising it in the middle of DeepSpeed's collectives; ``raise_first`` raises it."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.error: Optional[BaseException] = None
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name not in ("save", "makedirs", "create", "commit") or not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            if self.error is not None:
+                return None  # the save failed already: write nothing more
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                self.error = exc
+                return None
+
+        return call
+
+    def raise_first(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 class DeepSpeedEngine(Engine):
     """``deepspeed``: ZeRO stage 1, 2 or 3 (``dist.zero_stage``) for the student.
 
@@ -584,7 +613,17 @@ class DeepSpeedEngine(Engine):
         self._write_phase(ckpt_dir, step, (lambda: remove_path(tag_dir)) if self.ctx.is_main else None)
 
         def write() -> None:
-            self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=client, save_latest=False)
+            # DeepSpeed's save has barriers between its writes: a write that raised on one rank would
+            # leave the others in the next barrier until dist.timeout_s.  Its file writes are deferred
+            # instead (the first error is raised once save_checkpoint has returned on every rank), so
+            # every rank reaches this phase's agreement and all stop at once with exit code 4.
+            deferred = _DeferredWrites(self.ds.checkpoint_engine)
+            self.ds.checkpoint_engine = deferred
+            try:
+                self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=client, save_latest=False)
+            finally:
+                self.ds.checkpoint_engine = deferred.inner
+            deferred.raise_first()
             if self.stage == 3:  # client state is rank 0's only: each rank writes its teacher shard
                 shard = [p.ds_tensor.detach().cpu().clone() for p in self.model.teacher.parameters()]
                 torch.save(shard, tag_dir / f"teacher_shard_rank{self.ctx.rank:05d}.pt")
