@@ -45,7 +45,7 @@ def test_a_deepspeed_save_that_fails_on_one_rank_stops_all_ranks_with_exit_code_
     env = {**CLEAN_ENV, "POA_TEST_TAG": tag, "DS_ACCELERATOR": "cpu"}
     p = poa(*train_args(out, "train.checkpoint_every=5", "optim.epochs=50", "dist.timeout_s=300",
                         "dist.engine=deepspeed", "dist.zero_stage=2", nproc=2), env=env)
-    wait_logged(out, 6, p)
+    wait_logged(out, 6, p, timeout=900)
     resource.prlimit(_rank_pid(tag, 1), resource.RLIMIT_FSIZE, (4096, 4096))
     t0 = time.monotonic()
     code, text = finish(p)

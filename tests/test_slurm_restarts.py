@@ -126,3 +126,20 @@ def test_a_task_that_dies_at_every_start_ends_the_job_after_max_restarts(slurm_c
     assert f"rank 1 (pid {killed[-1][1]} on " in gave_up.group(1) and Path(gave_up.group(2)).is_file()
     state = json.loads((out / "status" / "restarts.json").read_text())
     assert state["no_progress"] == 2 and state["gave_up"] and state["runs"][-1]["outcome"] == "gave_up"
+
+
+def test_bad_input_ends_the_job_without_a_requeue(slurm_cluster, tmp_path, capsys):
+    """A config that is only refused when training starts (train.checkpoint_every=0): every rank exits with
+    code 2, and the batch script ends the job with it -- no requeue, although --max-restarts allows two."""
+    out = tmp_path / "run"
+    job = _submit(capsys, "--partition", slurm_cluster.partition, "--max-restarts", "2", *RESTART_RUN,
+                  "train.checkpoint_every=0", f"train.output_dir={out}")
+    assert slurm_cluster.wait_done(job, timeout=300) == "FAILED", _logs(out, job)
+    info = slurm_cluster.job_info(job)
+    log = (out / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert info.get("ExitCode") == "2:0" and info.get("Restarts") == "0", (info, log[-3000:])
+    assert re.search(rf"poa: not restarting job {job}: bad input .*\(exit code 2\).*train\.checkpoint_every", log), \
+        log[-3000:]
+    assert "Traceback" not in log
+    state = json.loads((out / "status" / "restarts.json").read_text())
+    assert [r["outcome"] for r in state["runs"]] == ["fatal"] and state["no_progress"] == 0
