@@ -2,7 +2,7 @@
 whose save has barriers between its writes (the others used to wait there for dist.timeout_s).
 
 Rank 1 alone gets a file-size limit (RLIMIT_FSIZE, set from outside with prlimit once training runs), so its
-next ZeRO shard write fails with EFBIG ("File too large") while rank 0's writes succeed: a real write error on
+next ZeRO shard write fails with EFBIG while rank 0's writes succeed: a real write error on
 one rank, as a full local disk or a quota gives.  2 processes, gloo, CPU.
 """
 
@@ -52,6 +52,8 @@ def test_a_deepspeed_save_that_fails_on_one_rank_stops_all_ranks_with_exit_code_
     took = time.monotonic() - t0
     assert code == 4, text[-3000:]
     line = one_line_error(text)
-    assert "File too large" in line and "(on rank 1)" in line and "intact (newest: step 5)" in line, line
+    # torch's zip writer reports EFBIG as a short write ("unexpected pos ..."), Python's writes as "File too large"
+    assert ("File too large" in line or "unexpected pos" in line) and "(on rank 1)" in line, line
+    assert "checkpoint of step 10 could not be written" in line and "intact (newest: step 5)" in line, line
     assert took < 60, f"{took:.0f} s: a rank waited for the failed one"  # dist.timeout_s is 300
     assert (out / "checkpoints" / "step_00000005.pt").is_file() and not (out / "checkpoints" / "step_00000010.pt").exists()
