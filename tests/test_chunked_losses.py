@@ -177,7 +177,7 @@ def test_step_equals_the_unchunked_step_losses_and_gradients(chunk, ibot):
             torch.testing.assert_close(q.grad, p.grad, rtol=REL, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("iters", [3, 30, 100, 1000])
+@pytest.mark.parametrize("iters", [3, 30, 100, pytest.param(1000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sinkhorn_targets_hold_at_any_number_of_rounds(dtype, iters):
     """Chunked (SinkhornTargets, one chunk and 5-row chunks) and dense fp32 targets against the dense float64
