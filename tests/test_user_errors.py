@@ -29,6 +29,7 @@ def run(tmp_path_factory) -> Path:
 def _files(tmp: Path) -> dict:
     (tmp / "list.yaml").write_text("- just\n- a list\n")
     (tmp / "broken.yaml").write_text("model: {arch: vit\n")
+    (tmp / "bad.pt").write_text("not a checkpoint\n")
     return {"list": tmp / "list.yaml", "broken": tmp / "broken.yaml"}
 
 
@@ -46,6 +47,8 @@ CASES = {  # name: (args, a word the one-line message must contain)
                                      "train.seed"),
     "extract: no such run folder": (["extract", "{tmp}/none", "--subnet", "16x2", "-o", "{tmp}/x.safetensors"],
                                     "none"),
+    "extract: a file that is not a checkpoint": (["extract", "{tmp}/bad.pt", "--subnet", "16x2", "-o",
+                                                  "{tmp}/x.safetensors"], "bad.pt"),
     "extract: step not kept": (["extract", "{run}", "--step", "7", "--subnet", "16x2", "-o", "{tmp}/x.safetensors"],
                                "step 7"),
     "submit: bad time": (["submit", "--config", "configs/demo_cpu.yaml", "--time", "soon"], "--time"),
