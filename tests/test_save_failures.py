@@ -8,7 +8,6 @@ one rank, as a full local disk or a quota gives.  2 processes, gloo, CPU.
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 import uuid
