@@ -26,6 +26,13 @@ step's end means:
   message naming the last error and the log file.  Runs that made progress do
   not count, so a multi-day run survives any number of isolated faults.
 
+The decision and the count are written to ``restarts.json`` before ``scontrol
+requeue``: the requeue makes slurmd signal every process of the job, this one
+included.  Only the reports of this run (job id and ``SLURM_RESTART_COUNT``)
+are read.  A run whose ``end`` never ran (a time-limit stop requeued by rank 0,
+a lost batch host) is closed by the next ``start``: ``stopped``, ``completed``,
+or ``lost`` (counted as a failed run without progress).
+
 The counter belongs to the job: a new job (``poa submit`` again, with the same
 ``train.output_dir``) starts from zero.  Nothing here imports torch.
 """
