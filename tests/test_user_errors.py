@@ -63,6 +63,7 @@ CASES = {  # name: (args, a word the one-line message must contain)
 }
 
 
+@pytest.mark.slow  # 18 `poa` processes (each imports torch)
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_exit_code_2_with_one_line_naming_it(name, run, tmp_path):
     args, word = CASES[name]
