@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from poa_hpc.distributed.registry import engine_names
@@ -257,9 +257,13 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
-            layers.append(OmegaConf.load(p))
+            layer = OmegaConf.load(p)
         except Exception as exc:  # yaml syntax errors
             raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+        if not isinstance(layer, DictConfig):  # a list or a scalar: nothing to merge into the schema
+            raise ConfigError(f"config file '{p}' must be a mapping of sections (model:, optim:, ...), "
+                              f"not a {type(OmegaConf.to_container(layer)).__name__}")
+        layers.append(layer)
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. optim.base_lr=1e-3)")

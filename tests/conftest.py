@@ -24,3 +24,23 @@ def pytest_collection_modifyitems(config, items):
 # The session-wide local Slurm cluster fixture (tests/slurm_cluster.py) and the uninterrupted
 # 2-rank run that killed-and-restarted runs are compared with (tests/reference_runs.py).
 pytest_plugins = ["slurm_cluster", "reference_runs"]
+
+
+_BUSY = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+
+
+@pytest.fixture
+def cpu_load():
+    """Every core busy for the test's duration: one spinning process pinned to each core (as a loaded
+    cluster node is), so that the test's own processes run late and in unusual orders. Ended by PID."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _BUSY, str(cpu)]) for cpu in sorted(os.sched_getaffinity(0))]
+    try:
+        yield len(procs)
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()

@@ -16,6 +16,8 @@ from backbones import tiny
 from poa_hpc.models.registry import backbone_names
 from runs import IBOT_FROM_START, RUN, SAME_AS_ONE_PROCESS, assert_same_run, assert_same_weights, train, train_killed
 
+pytestmark = pytest.mark.slow  # real 2-process runs (torchrun, gloo): minutes in all
+
 FAMILIES = backbone_names()
 
 

@@ -16,6 +16,8 @@ from backbones import tiny
 from runs import (IBOT_FROM_START, RUN, SAME_AS_ONE_PROCESS, ZERO3_SMALL, assert_same_run, assert_same_weights,
                   train as _train)
 
+pytestmark = pytest.mark.slow  # real 2-process runs (torchrun, gloo): minutes in all
+
 BASE = tiny("vit") + RUN + SAME_AS_ONE_PROCESS + ["model.vit.drop_path_rate=0.0"]
 
 

@@ -105,6 +105,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, caplog, one_thread):
     caplog.set_level("INFO", logger="poa_hpc")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
@@ -177,6 +178,7 @@ def _committed(ckpts: Path) -> dict:
     return {p.name: sha(p) for p in ckpts.glob("step_*.pt")}
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_stops_with_exit_code_4_and_keeps_the_checkpoints(tmp_path, mount):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
@@ -207,6 +209,7 @@ def test_disk_full_during_a_save_stops_with_exit_code_4_and_keeps_the_checkpoint
     assert [r["step"] for r in metrics(out)] == list(range(failed))
 
 
+@pytest.mark.slow
 def test_read_only_checkpoint_folder_mid_run_stops_all_ranks_with_exit_code_4(tmp_path, mount):
     """2 ranks, FSDP: every rank writes its shards; rank 0's failure is agreed on by all (no hang)."""
     out = tmp_path / "run"
@@ -255,6 +258,7 @@ def _worker(tag: str, rank: int, restart: int = 0, timeout: float = 120) -> int:
     pytest.fail(f"no worker of rank {rank} (attempt {restart}) found")
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_resumes_after_a_killed_worker(tmp_path, ddp2_reference):
     out = tmp_path / "run"
     tag = f"restart-{os.getpid()}"
@@ -270,6 +274,7 @@ def test_torchrun_max_restarts_resumes_after_a_killed_worker(tmp_path, ddp2_refe
     assert_same_reference_run(ddp2_reference, out, RESTART_STEPS)
 
 
+@pytest.mark.slow
 def test_a_rank_stuck_outside_a_collective_ends_the_others_after_dist_timeout_s(tmp_path):
     out = tmp_path / "run"
     tag = f"hang-{os.getpid()}"
@@ -300,6 +305,7 @@ def test_a_rank_stuck_outside_a_collective_ends_the_others_after_dist_timeout_s(
 
 # ------------------------------------------------------------------ master port
 
+@pytest.mark.slow
 def test_two_slurm_jobs_whose_ids_differ_by_20000_get_their_own_master_port(tmp_path):
     """The port used to be 20000 + job id % 20000: the stores of jobs 7 and 20007 on one node collided.
 

@@ -7,6 +7,10 @@
 * a task killed at every start, before any checkpoint: the job gives up after `--max-restarts`
   failed runs without progress, with a message naming the last error and the log (exit code 5).
 
+Every test here runs under `cpu_load` (tests/conftest.py: a spinning process pinned to each core):
+the restart cap once held only on an idle machine (the count was written after `scontrol requeue`,
+whose SIGTERM to the batch script then often came first).
+
 The cluster is the session fixture `slurm_cluster` (tests/slurm_cluster.py); the uninterrupted run
 is `ddp2_reference` (tests/reference_runs.py).
 """
@@ -26,7 +30,7 @@ from poa_hpc.cli import main
 from reference_runs import RESTART_RUN, RESTART_STEPS, TINY2, assert_same_run
 from test_slurm_launch import SUBMIT, TINY, _logs, _sbatch, _wait_step
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("cpu_load")]
 pytest.importorskip("submitit")
 
 
@@ -67,7 +71,7 @@ def _assert_restarted_once_and_equal(cluster, job, out: Path, log: str, pid: int
     assert cluster.job_info(job).get("Restarts") == "1", log[-3000:]
     assert re.search(rf"poa: run 0 of job {job} failed: rank 1 \(pid {pid} on \S+\) ended without a report", log), \
         log[-3000:]
-    requeued = re.search(r"Requeued; the next run resumes from step (\d+) \(made progress\)", log)
+    requeued = re.search(r"Requeuing; the next run resumes from step (\d+) \(made progress\)", log)
     resumed = re.search(r"resumed from .* at step (\d+)", log)
     assert requeued and resumed and requeued.group(1) == resumed.group(1), log[-3000:]
     assert 8 <= int(resumed.group(1)) < RESTART_STEPS
@@ -122,3 +126,20 @@ def test_a_task_that_dies_at_every_start_ends_the_job_after_max_restarts(slurm_c
     assert f"rank 1 (pid {killed[-1][1]} on " in gave_up.group(1) and Path(gave_up.group(2)).is_file()
     state = json.loads((out / "status" / "restarts.json").read_text())
     assert state["no_progress"] == 2 and state["gave_up"] and state["runs"][-1]["outcome"] == "gave_up"
+
+
+def test_bad_input_ends_the_job_without_a_requeue(slurm_cluster, tmp_path, capsys):
+    """A config that is only refused when training starts (train.checkpoint_every=0): every rank exits with
+    code 2, and the batch script ends the job with it -- no requeue, although --max-restarts allows two."""
+    out = tmp_path / "run"
+    job = _submit(capsys, "--partition", slurm_cluster.partition, "--max-restarts", "2", *RESTART_RUN,
+                  "train.checkpoint_every=0", f"train.output_dir={out}")
+    assert slurm_cluster.wait_done(job, timeout=300) == "FAILED", _logs(out, job)
+    info = slurm_cluster.job_info(job)
+    log = (out / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert info.get("ExitCode") == "2:0" and info.get("Restarts") == "0", (info, log[-3000:])
+    assert re.search(rf"poa: not restarting job {job}: bad input .*\(exit code 2\).*train\.checkpoint_every", log), \
+        log[-3000:]
+    assert "Traceback" not in log
+    state = json.loads((out / "status" / "restarts.json").read_text())
+    assert [r["outcome"] for r in state["runs"]] == ["fatal"] and state["no_progress"] == 0

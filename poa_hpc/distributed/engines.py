@@ -57,6 +57,7 @@ from poa_hpc.distributed.env import DistContext, barrier, gather_objects
 from poa_hpc.distributed.registry import engine_class
 from poa_hpc.errors import ConfigError, OutputWriteError
 from poa_hpc.files import atomic_write_text
+from poa_hpc.checkpoint.manifest import manifest_path, write_manifest
 
 MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 log = logging.getLogger("poa_hpc.train")
@@ -200,6 +201,7 @@ class Engine:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             if path.exists():  # saving a step again (after a fallback): uncommit it before rewriting its state
                 path.unlink()
+            remove_path(manifest_path(ckpt_dir, step))
 
         self._write_phase(ckpt_dir, step, prepare if main else None)
         self._save_state(ckpt_dir, step, meta)
@@ -209,6 +211,8 @@ class Engine:
             atomic_save(payload, path)  # noqa: F821 (deleted after the write phase, not before)
             self._committed(ckpt_dir, step)
             point_last(ckpt_dir, step)
+            # last: every file's hash, so resume detects bytes changed after writing
+            write_manifest(ckpt_dir, step, [path, *self._state_paths(ckpt_dir, step)])
 
         self._write_phase(ckpt_dir, step, commit if main else None)
         del payload
@@ -234,6 +238,7 @@ class Engine:
         dropped = [s for s in steps if s not in keep]
         for s in dropped:
             remove_path(step_file(ckpt_dir, s))
+            remove_path(manifest_path(ckpt_dir, s))
             for p in self._state_paths(ckpt_dir, s):
                 remove_path(p)
         for s, p in self._states_on_disk(ckpt_dir):
@@ -499,6 +504,35 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _DeferredWrites:
+    """A DeepSpeed checkpoint engine whose writes (save, makedirs, create, commit) record their first
+    error instead of raising it in the middle of DeepSpeed's collectives; ``raise_first`` raises it."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.error: Optional[BaseException] = None
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name not in ("save", "makedirs", "create", "commit") or not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            if self.error is not None:
+                return None  # the save failed already: write nothing more
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                self.error = exc
+                return None
+
+        return call
+
+    def raise_first(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 class DeepSpeedEngine(Engine):
     """``deepspeed``: ZeRO stage 1, 2 or 3 (``dist.zero_stage``) for the student.
 
@@ -593,7 +627,17 @@ class DeepSpeedEngine(Engine):
         self._write_phase(ckpt_dir, step, (lambda: remove_path(tag_dir)) if self.ctx.is_main else None)
 
         def write() -> None:
-            self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=client, save_latest=False)
+            # DeepSpeed's save has barriers between its writes: a write that raised on one rank would
+            # leave the others in the next barrier until dist.timeout_s.  Its file writes are deferred
+            # instead (the first error is raised once save_checkpoint has returned on every rank), so
+            # every rank reaches this phase's agreement and all stop at once with exit code 4.
+            deferred = _DeferredWrites(self.ds.checkpoint_engine)
+            self.ds.checkpoint_engine = deferred
+            try:
+                self.ds.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, client_state=client, save_latest=False)
+            finally:
+                self.ds.checkpoint_engine = deferred.inner
+            deferred.raise_first()
             if self.stage == 3:  # client state is rank 0's only: each rank writes its teacher shard
                 shard = [p.ds_tensor.detach().cpu().clone() for p in self.model.teacher.parameters()]
                 torch.save(shard, tag_dir / f"teacher_shard_rank{self.ctx.rank:05d}.pt")

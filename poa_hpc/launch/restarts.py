@@ -26,6 +26,13 @@ step's end means:
   message naming the last error and the log file.  Runs that made progress do
   not count, so a multi-day run survives any number of isolated faults.
 
+The decision and the count are written to ``restarts.json`` before ``scontrol
+requeue``: the requeue makes slurmd signal every process of the job, this one
+included.  Only the reports of this run (job id and ``SLURM_RESTART_COUNT``)
+are read.  A run whose ``end`` never ran (a time-limit stop requeued by rank 0,
+a lost batch host) is closed by the next ``start``: ``stopped``, ``completed``,
+or ``lost`` (counted as a failed run without progress).
+
 The counter belongs to the job: a new job (``poa submit`` again, with the same
 ``train.output_dir``) starts from zero.  Nothing here imports torch.
 """
@@ -159,6 +166,39 @@ def _start_marker(jid: str, restart: int) -> str:
     return f"poa: job {jid} run {restart}:"
 
 
+def _this_run(reports: List[dict], jid: str, restart: int) -> List[dict]:
+    """The reports of run ``restart`` of job ``jid``: a report left by an earlier run or another job
+    (not cleared, or written late by a straggler) says nothing about this run."""
+    return [r for r in reports if str(r.get("job")) == str(jid) and int(r.get("restart", -1)) == int(restart)]
+
+
+def _made_progress(newest: Optional[int], start_step: Optional[int]) -> bool:
+    return newest is not None and (start_step is None or newest > start_step)
+
+
+LOST = ("the run ended without the batch script's verdict (the job was requeued or cancelled from outside, or "
+        "its batch host failed)")
+
+
+def _close_unfinished(state: Dict, reports: List[dict], newest: Optional[int]) -> None:
+    """Give the previous run its real outcome if its ``end`` never ran: a stop on a signal (rank 0
+    requeued the job at the time limit, which ends the batch script too), or a run lost without a
+    verdict, which counts as a failed run when it left no newer checkpoint."""
+    last = state["runs"][-1] if state.get("runs") else None
+    if not last or last.get("outcome") != "running":
+        return
+    mine = _this_run(reports, state["job"], int(last.get("restart", 0)))
+    stopped = [r for r in mine if r.get("state") == "stopped"]
+    if stopped:
+        last.update(outcome="stopped", error=stopped[0].get("message"))
+    elif mine and all(r.get("state") == "completed" for r in mine):
+        last.update(outcome="completed")
+    else:
+        if not _made_progress(newest, last.get("start_step")):
+            state["no_progress"] = int(state.get("no_progress", 0)) + 1
+        last.update(outcome="lost", error=LOST)
+
+
 def start(run_dir: Path, max_restarts: int) -> int:
     jid = job_id() or "local"
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
@@ -166,7 +206,16 @@ def start(run_dir: Path, max_restarts: int) -> int:
     if not state or state.get("job") != jid:
         state = {"job": jid, "no_progress": 0, "runs": [], "gave_up": None}
     newest = newest_step(run_dir / "checkpoints")
+    _close_unfinished(state, rank_reports(run_dir), newest)
     state["max_restarts"] = max_restarts
+    if state["no_progress"] > max_restarts:  # runs lost without a verdict used up the restarts
+        message = (f"job {jid} gave up: {state['no_progress']} failed run(s) without a newer checkpoint "
+                   f"(--max-restarts {max_restarts}; newest checkpoint: {_step_text(newest)}). "
+                   f"Last error: {state['runs'][-1].get('error')}")
+        state["gave_up"] = message
+        write_state(run_dir, state)
+        _say(message)
+        return EXIT_GAVE_UP
     state["runs"].append({"restart": restart, "start_step": newest, "started": time.time(), "outcome": "running"})
     state["runs"] = state["runs"][-50:]
     clear_rank_reports(run_dir)
@@ -180,9 +229,10 @@ def end(run_dir: Path, code: int, max_restarts: int, log_pattern: Optional[str])
     jid = job_id() or "local"
     state = read_state(run_dir)
     if not state or state.get("job") != jid or not state.get("runs"):
-        state = {"job": jid, "no_progress": 0, "runs": [{"restart": 0, "start_step": None}], "gave_up": None}
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        state = {"job": jid, "no_progress": 0, "runs": [{"restart": restart, "start_step": None}], "gave_up": None}
     run: Dict = state["runs"][-1]
-    reports = rank_reports(run_dir)
+    reports = _this_run(rank_reports(run_dir), jid, int(run.get("restart", 0)))
     run.update(ended=time.time(), exit_code=code)
 
     def finish(outcome: str, ret: int, **extra) -> int:
@@ -218,7 +268,7 @@ def end(run_dir: Path, code: int, max_restarts: int, log_pattern: Optional[str])
         return finish("failed", code or 1, error=error, log=log)
     newest = newest_step(run_dir / "checkpoints")
     start_step = run.get("start_step")
-    progress = newest is not None and (start_step is None or newest > start_step)
+    progress = _made_progress(newest, start_step)
     if not progress:
         state["no_progress"] = int(state.get("no_progress", 0)) + 1
     if state["no_progress"] > max_restarts:
@@ -228,15 +278,19 @@ def end(run_dir: Path, code: int, max_restarts: int, log_pattern: Optional[str])
         state["gave_up"] = message
         _say(message)
         return finish("gave_up", EXIT_GAVE_UP, error=error, log=log)
+    # Record the decision (and the count) BEFORE the requeue: `scontrol requeue` makes slurmd signal
+    # every process of the job, this one included, so anything after it may never run.  (Writing after
+    # it let a loaded machine lose the count: --max-restarts 1 then allowed a second restart.)
+    count = "made progress" if progress else f"{state['no_progress']} of {max_restarts} restarts without progress"
+    _say(f"run {run.get('restart', 0)} of job {jid} failed: {error}. Requeuing; the next run resumes from "
+         f"{_step_text(newest)} ({count}). Log: {log}")
+    finish("requeued", code, error=error, log=log)
     try:
         requeue_job(jid)
     except SlurmError as exc:
         _say(f"run failed ({error}) and the job could not requeue itself: {exc}; resubmit to continue (log: {log})")
         return finish("failed", code, error=error, log=log)
-    count = "made progress" if progress else f"{state['no_progress']} of {max_restarts} restarts without progress"
-    _say(f"run {run.get('restart', 0)} of job {jid} failed: {error}. Requeued; the next run resumes from "
-         f"{_step_text(newest)} ({count}). Log: {log}")
-    return finish("requeued", code, error=error, log=log)
+    return code
 
 
 def _run_dir(args: argparse.Namespace) -> Path:

@@ -22,7 +22,7 @@ from typing import Dict, Tuple
 from poa_hpc.config import POAConfig
 from poa_hpc.errors import SlurmError
 from poa_hpc.launch.slurm import job_id, requeue_job
-from poa_hpc.launch.status import RankReport, describe
+from poa_hpc.launch.status import RankReport, describe, record_run_outcome
 from poa_hpc.train.stop import StopRequest
 from poa_hpc.train.trainer import train
 
@@ -48,6 +48,9 @@ def run_training(cfg: POAConfig, resume: bool) -> Tuple[Dict[str, object], int]:
         # Runs on every rank after the checkpoint, before the ranks leave together: rank 0's requeue
         # is done before any task exits (srun --kill-on-bad-exit would end it on the first 128+N exit).
         requeued = ""
+        if jid and rank == 0:  # first: a requeue ends the batch script, which would record it
+            record_run_outcome(cfg.train.output_dir, jid, report.base["restart"] if report else 0, "stopped",
+                               f"stopped by {reason} at step {step}")
         if reason in REQUEUE_SIGNALS and jid and rank == 0:
             try:
                 requeue_job(jid)

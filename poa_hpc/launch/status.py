@@ -148,6 +148,25 @@ def write_state(run_dir: str | Path, state: Dict) -> None:
     _atomic_write_json(status_dir(run_dir) / "restarts.json", state)
 
 
+def record_run_outcome(run_dir: str | Path, job: str, restart: int, outcome: str, message: str = "") -> None:
+    """Close run ``restart`` of ``job`` in ``restarts.json`` with ``outcome`` if it is still running.
+
+    Rank 0 calls this before it requeues the job at the time limit: the requeue ends the batch
+    script, whose ``end`` would otherwise never record the run.  Never raises."""
+    try:
+        state = read_state(run_dir)
+        runs = (state or {}).get("runs") or []
+        if not state or str(state.get("job")) != str(job) or not runs:
+            return
+        last = runs[-1]
+        if int(last.get("restart", -1)) != int(restart) or last.get("outcome") != "running":
+            return
+        last.update(outcome=outcome, ended=time.time(), error=message)
+        write_state(run_dir, state)
+    except (OSError, ValueError, TypeError):
+        pass
+
+
 def exit_rank(code: int) -> int:
     """Return ``code``, or, in a rank of a multi-process run, leave now with it.
 

@@ -17,7 +17,8 @@ are formed for one chunk of rows at a time, used and dropped:
   ``c_b = 1 / sum_k(E_bk r'_k)`` (r' the previous round's r).  Each round is one
   pass over the row chunks and one all-reduce of K values, as the matrix form
   (the per-sample factors are taken in log space, so a sample far below every
-  prototype's max does not underflow);
+  prototype's max does not underflow, and the per-prototype log-scales are
+  re-centred every round, so they stay bounded at any number of rounds);
   the total normalisation (and the ``/ K``, ``/ B``, ``* B`` constants) cancel in
   the next normalisation and are skipped, so no global row count (a host sync) is
   needed.  The targets equal :func:`poa_hpc.losses.dino.sinkhorn_knopp`'s up to
@@ -158,6 +159,11 @@ class SinkhornTargets:
                         a -= torch.logsumexp(a + log_r, dim=-1, keepdim=True)
                     rowsum += a.exp_().sum(dim=0)  # first round: every sample weighs 1 (the total cancels)
                 log_r = -torch.log(_all_reduce(rowsum).clamp_min(tiny))
+                # Re-centre: the skipped total normalisations (/K, /B) add about log(K / rows) to every
+                # entry each round; one constant cancels in the next round's and the targets' softmax,
+                # but unbounded it left fp32 (and, after ~300 rounds, fp64) at exp's under/overflow.
+                # The largest scale is 0 after this, the others span what the scores span.
+                log_r = log_r - log_r.amax()
             self.log_r = log_r
 
     def _scores(self, rows: Rows) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from poa_hpc.checkpoint.layout import LAST, point_last, set_aside, step_file
 from poa_hpc.config import POAConfig, flatten, to_dict, to_yaml
+from poa_hpc.checkpoint.manifest import verify_manifest
 from poa_hpc.data.loader import build_train_loader
 from poa_hpc.distributed.engines import build_engine
 from poa_hpc.distributed.env import (
@@ -144,6 +145,14 @@ def check_train_keys(cfg: POAConfig) -> None:
         raise ConfigError(f"key 'dist.timeout_s': {cfg.dist.timeout_s} must be > 0 seconds")
 
 
+def _verify(engine, ckpt_dir: Path, step: int, ctx) -> Optional[str]:
+    """This rank's verdict on a candidate: its share of the manifest's hashes, then the engine's checks."""
+    problem = verify_manifest(ckpt_dir, step, ctx.rank, ctx.world_size)
+    if problem:
+        return problem
+    return engine.verify(ckpt_dir, step)
+
+
 def resume_newest(engine, ckpt_dir: Path, cfg: POAConfig, ctx) -> Optional[dict]:
     """Load the newest checkpoint every rank can read; ``None`` if there is none.
 
@@ -161,7 +170,7 @@ def resume_newest(engine, ckpt_dir: Path, cfg: POAConfig, ctx) -> Optional[dict]
         return None
     skipped = []
     for step in steps:
-        problems = [p for p in gather_objects(engine.verify(ckpt_dir, step)) if p]
+        problems = [p for p in gather_objects(_verify(engine, ckpt_dir, step, ctx)) if p]
         if problems:
             skipped.append((step, problems[0]))
             older = f"trying the previous one (step {steps[len(skipped)]})" if len(skipped) < len(steps) else "no older one"
