@@ -193,8 +193,10 @@ write_conf() {
     # A hostname that does not resolve would break slurmd registration and srun; the address is
     # given explicitly so that only this machine is ever contacted.
     local addr=127.0.0.1 spool="$D/spool" dpid="$D/slurmd.pid" dlog="$D/slurmd.log" nodes_conf="" part_nodes="$host"
-    # A node that stops answering is DOWN after SlurmdTimeout; its jobs end (and --requeue ones requeue).
-    local slurmd_timeout=60 n
+    # A node that stops answering is DOWN after about SlurmdTimeout + MessageTimeout (the ping retries the
+    # connection that long); its jobs end, and --requeue ones are requeued. Short for several nodes, where
+    # tests kill nodes (slurmd answers a ping in milliseconds, even on a loaded machine).
+    local slurmd_timeout=60 msg_timeout=10 n
     if (($(node_count) >= 2)); then
         addr="$SUBNET.1"
         # One file/folder per node (%n: the node name given to slurmd with -N).
@@ -203,7 +205,7 @@ write_conf() {
             nodes_conf+="NodeName=$n NodeAddr=$(node_addr "$n") NodeHostname=$n $node_line RealMemory=$mem_mb State=UNKNOWN"$'\n'
         done
         part_nodes="poa-node[01-$(printf '%02d' "$(node_count)")]"
-        slurmd_timeout=10
+        slurmd_timeout=5 msg_timeout=5
     else
         nodes_conf="NodeName=$host NodeAddr=$addr NodeHostname=$host $node_line RealMemory=$mem_mb State=UNKNOWN"
     fi
@@ -255,7 +257,7 @@ UnkillableStepTimeout=30
 MinJobAge=300
 InactiveLimit=0
 Waittime=0
-MessageTimeout=10
+MessageTimeout=$msg_timeout
 SlurmctldTimeout=30
 SlurmdTimeout=$slurmd_timeout
 $nodes_conf

@@ -307,11 +307,12 @@ def slurm_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def slurm_two_nodes(tmp_path_factory):
-    """A running two-node cluster (nodes poa-node01 and poa-node02, each in its own network and UTS
-    namespace, at 10.233.0.11 and .12) for the tests of one module; SLURM_CONF and PATH point at it
-    meanwhile. Several-node clusters use fixed names: one at a time on a machine."""
-    yield from _cluster(tmp_path_factory, nodes=2)
+def slurm_nodes(tmp_path_factory):
+    """A running three-node cluster (poa-node01 .. poa-node03, each in its own network and UTS namespace,
+    at 10.233.0.11 .. .13) for the tests of one module, which run two-node jobs: the third node is where a
+    job requeued after a node failure goes, as on a real cluster. SLURM_CONF and PATH point at it meanwhile.
+    Several-node clusters use fixed names: one at a time on a machine."""
+    yield from _cluster(tmp_path_factory, nodes=3)
 
 
 def _cluster(tmp_path_factory, nodes: int):
