@@ -94,6 +94,7 @@ def _assert_equal_to(ref, out: Path) -> None:
     assert load_checkpoint(out / "checkpoints")["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_two_nodes_compute_the_step_of_one_process(slurm_nodes, one_process, tmp_path):
     cluster = slurm_nodes
     # Both scripts at once (each node has a CPU for each), while the one-process run trains here.
@@ -129,6 +130,7 @@ def _logs(out: Path, job: str) -> str:
                      for p in sorted(folder.glob("*_log.*"))) if folder.exists() else "(no logs)"
 
 
+@pytest.mark.slow
 def test_a_dead_node_ends_the_step_then_the_job_requeues_and_resumes_exactly(slurm_nodes, one_process, tmp_path,
                                                                               capsys):
     cluster, out = slurm_nodes, tmp_path / "run"
