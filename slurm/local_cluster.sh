@@ -2,8 +2,11 @@
 # A real single-node Slurm cluster (munged + slurmctld + slurmd) on this machine, for tests
 # and local development of sbatch / submitit launches.
 #
-#   slurm/local_cluster.sh install            # apt-get install slurm-wlm munge (root, Debian/Ubuntu)
+#   slurm/local_cluster.sh install            # apt-get install slurm-wlm munge iproute2 (root, Debian/Ubuntu)
 #   slurm/local_cluster.sh start [STATE_DIR]  # start, wait for the node to be idle, print the export lines
+#   slurm/local_cluster.sh start --nodes 2 [STATE_DIR]
+#                                             # two slurmd "nodes", each in its own network and UTS
+#                                             # namespace (see "Several nodes" below)
 #   slurm/local_cluster.sh status [STATE_DIR] # sinfo, or "not running" (exit status 1)
 #   slurm/local_cluster.sh env [STATE_DIR]    # print: export SLURM_CONF=STATE_DIR/slurm.conf
 #                                             #        export PATH=STATE_DIR/bin:$PATH (sacct stand-in)
@@ -21,10 +24,39 @@
 # no accounting storage: the real sacct fails, finished jobs stay visible to scontrol/squeue for
 # MinJobAge seconds and are listed in STATE_DIR/jobcomp.log; STATE_DIR/bin/sacct answers from those.
 # Partitions: debug (default) and urgent, whose jobs preempt (requeue) the jobs of debug.
+#
+# Several nodes (--nodes N, N >= 2, or POA_SLURM_NODES=N): one munged and one slurmctld on this
+# machine, and N slurmd, each in its own network namespace (ip netns) and UTS namespace (its own
+# hostname): nodes poa-node01 .. poa-nodeNN (network namespaces of the same names) at
+# $POA_SLURM_SUBNET.11 .. (default subnet 10.233.0), each with a veth pair whose other end is on
+# the bridge poa-br0 ($POA_SLURM_SUBNET.1, slurmctld's address). Nothing is routed beyond that
+# bridge. Inside a node, /etc/hosts is STATE_DIR/hosts (bind-mounted in the node's own mount
+# namespace) and names every node, so a job's node list (poa-node[01-02]) resolves to the nodes'
+# addresses. The node count is recorded in STATE_DIR/nodes; status/stop read it. `stop` also
+# removes the namespaces and the bridge. Only one such cluster per machine (the names are fixed).
+#   slurm/local_cluster.sh exec NODE CMD...   # run CMD on node NODE (its namespaces), e.g.
+#                                             #   exec poa-node02 hostname
 set -euo pipefail
 
 CMD="${1:-}"
-D="${2:-${POA_SLURM_DIR:-/tmp/poa-slurm}}"
+shift || true
+NODES="${POA_SLURM_NODES:-}"
+POS=()
+while (($#)); do
+    case "$1" in
+        --nodes) NODES="${2:-}"; shift ;;
+        --nodes=*) NODES="${1#*=}" ;;
+        *) POS+=("$1") ;;
+    esac
+    shift
+done
+if [[ "$CMD" == exec ]]; then
+    EXEC_ARGS=("${POS[@]}")
+    POS=()
+fi
+D="${POS[0]:-${POA_SLURM_DIR:-/tmp/poa-slurm}}"
+SUBNET="${POA_SLURM_SUBNET:-10.233.0}"
+BRIDGE=poa-br0
 CTLD_PORT="${POA_SLURM_CTLD_PORT:-6917}"
 SLURMD_PORT="${POA_SLURM_D_PORT:-6918}"
 START_TIMEOUT="${POA_SLURM_START_TIMEOUT:-60}"
@@ -36,12 +68,13 @@ abs_dir() { mkdir -p "$1" && (cd "$1" && pwd -P); }
 # pid_of NAME: the recorded PID of daemon NAME (munged|slurmctld|slurmd) if that process is alive
 # and is really the daemon of this STATE_DIR (its command line names STATE_DIR's slurm.conf or munge
 # socket, or its environment carries our marker); nothing otherwise (stale pid file, reused PID).
+# NAME slurmd-NODE: the slurmd of node NODE of a several-node cluster.
 pid_of() {
     local name="$1" f="$D/$1.pid" pid
     [[ -s "$f" ]] || return 0
     pid="$(tr -dc '0-9' < "$f")"
     [[ -n "$pid" && -d "/proc/$pid" ]] || return 0
-    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$name" ]] || return 0
+    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "${name%%-*}" ]] || return 0
     if { tr '\0' '\n' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qxF -e "$D/slurm.conf" -e "--socket=$D/munge.socket" \
         || { tr '\0' '\n' < "/proc/$pid/environ"; } 2>/dev/null | grep -qxF "POA_SLURM_STATE_DIR=$D"; then
         echo "$pid"
@@ -61,13 +94,83 @@ start_failed() {
 }
 
 logs_tail() {
-    local f
-    for f in munged.log slurmctld.log slurmd.log slurmctld.out slurmd.out; do
+    local f n
+    local files=(munged.log slurmctld.log slurmd.log slurmctld.out slurmd.out)
+    for n in $(node_names); do files+=("slurmd-$n.log" "slurmd-$n.out"); done
+    for f in "${files[@]}"; do
         if [[ -s "$D/$f" ]]; then
             echo "----- $D/$f (tail) -----" >&2
             tail -n 25 "$D/$f" >&2
         fi
     done
+}
+
+# The node count of this cluster: --nodes / POA_SLURM_NODES, else the one recorded at start, else 1.
+node_count() {
+    if [[ -n "$NODES" ]]; then echo "$NODES"
+    elif [[ -s "$D/nodes" ]]; then tr -dc '0-9' < "$D/nodes"
+    else echo 1; fi
+}
+
+# Names of the namespaced nodes (nothing for a single-node cluster): poa-node01 poa-node02 ...
+node_names() {
+    local n i
+    n="$(node_count)"
+    ((n >= 2)) || return 0
+    for ((i = 1; i <= n; i++)); do printf 'poa-node%02d\n' "$i"; done
+}
+
+node_addr() {  # node_addr poa-nodeNN
+    local i="${1#poa-node}"
+    echo "$SUBNET.$((10 + 10#$i))"
+}
+
+# The per-node namespaces: a bridge on this machine, and per node a network namespace with a veth
+# pair (the node's end is its eth0, the other end is on the bridge), lo up, no route beyond the bridge.
+net_up() {
+    command -v ip >/dev/null 2>&1 || die "ip not found (run: $0 install, which installs iproute2)"
+    local n ns
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        # nf_call_iptables 0: bridged traffic between the nodes bypasses the host's firewall rules.
+        ip link add "$BRIDGE" type bridge nf_call_iptables 0 2>/dev/null || ip link add "$BRIDGE" type bridge \
+            || die "cannot create the bridge $BRIDGE"
+        echo "$D" > "$D/net.owner"
+    fi
+    ip addr replace "$SUBNET.1/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    {
+        echo "127.0.0.1 localhost"
+        echo "$SUBNET.1 $(hostname -s)"
+        for n in $(node_names); do echo "$(node_addr "$n") $n"; done
+    } > "$D/hosts"
+    chmod 0644 "$D/hosts"
+    for n in $(node_names); do
+        ns="$n"
+        if ! ip netns list | grep -qw "^$ns"; then
+            ip netns add "$ns" || die "cannot create the network namespace $ns"
+        fi
+        if ! ip link show "$n-h" >/dev/null 2>&1; then
+            ip -n "$ns" link del eth0 2>/dev/null || true
+            ip link add "$n-h" type veth peer name eth0 netns "$ns" || die "cannot create the veth pair of $n"
+        fi
+        ip link set "$n-h" master "$BRIDGE" up
+        ip -n "$ns" addr replace "$(node_addr "$n")/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        ip -n "$ns" link set lo up
+    done
+}
+
+net_down() {
+    local n
+    for n in $(node_names); do
+        ip netns pids "$n" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+        ip link del "$n-h" 2>/dev/null || true
+        ip netns del "$n" 2>/dev/null || true
+    done
+    if [[ -s "$D/net.owner" && "$(cat "$D/net.owner")" == "$D" ]]; then
+        ip link del "$BRIDGE" 2>/dev/null || true
+        rm -f "$D/net.owner"
+    fi
 }
 
 write_conf() {
@@ -89,9 +192,25 @@ write_conf() {
     fi
     # A hostname that does not resolve would break slurmd registration and srun; the address is
     # given explicitly so that only this machine is ever contacted.
-    local addr=127.0.0.1
+    local addr=127.0.0.1 spool="$D/spool" dpid="$D/slurmd.pid" dlog="$D/slurmd.log" nodes_conf="" part_nodes="$host"
+    # A node that stops answering is DOWN after about SlurmdTimeout + MessageTimeout (the ping retries the
+    # connection that long); its jobs end, and --requeue ones are requeued. Short for several nodes, where
+    # tests kill nodes (slurmd answers a ping in milliseconds, even on a loaded machine).
+    local slurmd_timeout=60 msg_timeout=10 n
+    if (($(node_count) >= 2)); then
+        addr="$SUBNET.1"
+        # One file/folder per node (%n: the node name given to slurmd with -N).
+        spool="$D/spool-%n" dpid="$D/slurmd-%n.pid" dlog="$D/slurmd-%n.log"
+        for n in $(node_names); do
+            nodes_conf+="NodeName=$n NodeAddr=$(node_addr "$n") NodeHostname=$n $node_line RealMemory=$mem_mb State=UNKNOWN"$'\n'
+        done
+        part_nodes="poa-node[01-$(printf '%02d' "$(node_count)")]"
+        slurmd_timeout=5 msg_timeout=5
+    else
+        nodes_conf="NodeName=$host NodeAddr=$addr NodeHostname=$host $node_line RealMemory=$mem_mb State=UNKNOWN"
+    fi
     cat > "$D/slurm.conf.tmp" <<EOF
-# Generated by slurm/local_cluster.sh: a single-node test cluster. Do not edit (regenerated on start).
+# Generated by slurm/local_cluster.sh: a test cluster on one machine. Do not edit (regenerated on start).
 ClusterName=poa
 SlurmctldHost=$host($addr)
 SlurmctldPort=$CTLD_PORT
@@ -105,11 +224,11 @@ CredType=cred/munge
 # again (default 120 s), hence the minimum, 5 s.
 AuthInfo=socket=$D/munge.socket,cred_expire=5
 StateSaveLocation=$D/state
-SlurmdSpoolDir=$D/spool
+SlurmdSpoolDir=$spool
 SlurmctldPidFile=$D/slurmctld.pid
-SlurmdPidFile=$D/slurmd.pid
+SlurmdPidFile=$dpid
 SlurmctldLogFile=$D/slurmctld.log
-SlurmdLogFile=$D/slurmd.log
+SlurmdLogFile=$dlog
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig=$D/plugstack.conf
@@ -138,17 +257,17 @@ UnkillableStepTimeout=30
 MinJobAge=300
 InactiveLimit=0
 Waittime=0
-MessageTimeout=10
+MessageTimeout=$msg_timeout
 SlurmctldTimeout=30
-SlurmdTimeout=60
-NodeName=$host NodeAddr=$addr NodeHostname=$host $node_line RealMemory=$mem_mb State=UNKNOWN
+SlurmdTimeout=$slurmd_timeout
+$nodes_conf
 # Preemption: a job submitted to 'urgent' preempts (requeues) jobs of 'debug'. Preempted jobs get
 # their --signal signal (preempt_send_user_signal; SIGTERM without one), then SIGTERM/SIGKILL after GraceTime.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=10
-PartitionName=urgent Nodes=$host MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
+PartitionName=debug Nodes=$part_nodes Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=10
+PartitionName=urgent Nodes=$part_nodes MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
     mv "$D/slurm.conf.tmp" "$D/slurm.conf"
     : > "$D/plugstack.conf"
@@ -244,23 +363,60 @@ start_daemon() {  # start_daemon NAME ARGS...
     # slurmd starts (they inherit slurmd's environment).
     env POA_SLURM_STATE_DIR="$D" SLURM_CONF="$D/slurm.conf" "$name" -f "$D/slurm.conf" "$@" \
         </dev/null >>"$D/$name.out" 2>&1 || start_failed "$name failed to start"
+    wait_pid "$name"
+}
+
+wait_pid() {  # wait_pid NAME: until NAME's pid file names a live daemon
     local i
     for ((i = 0; i < 100; i++)); do
-        [[ -n "$(pid_of "$name")" ]] && return 0
+        [[ -n "$(pid_of "$1")" ]] && return 0
         sleep 0.1
     done
-    start_failed "$name did not start (no live PID in $D/$name.pid)"
+    start_failed "$1 did not start (no live PID in $D/$1.pid)"
+}
+
+# start_node NODE: the slurmd of NODE in NODE's network namespace, in a new UTS namespace with the
+# hostname NODE and a new mount namespace where STATE_DIR/hosts is /etc/hosts. Its job steps inherit
+# all three. (Not `ip netns exec`: it mounts a new /sys, without the cgroup file system slurmd wants.)
+start_node() {
+    local n="$1" name="slurmd-$1"
+    if [[ -n "$(pid_of "$name")" ]]; then return 0; fi
+    rm -f "$D/$name.pid"
+    mkdir -p "$D/spool-$n"
+    # shellcheck disable=SC2016
+    nsenter --net="/run/netns/$n" -- unshare --uts --mount --propagation slave -- /bin/sh -c \
+        'mount --bind "$1" /etc/hosts && hostname "$2" && shift 2 && exec "$@"' sh "$D/hosts" "$n" \
+        env POA_SLURM_STATE_DIR="$D" SLURM_CONF="$D/slurm.conf" slurmd -f "$D/slurm.conf" -N "$n" \
+        </dev/null >>"$D/$name.out" 2>&1 || start_failed "slurmd of $n failed to start"
+    wait_pid "$name"
+}
+
+# The slurmd daemons' names for pid_of: slurmd, or slurmd-NODE per node.
+slurmd_names() {
+    if (($(node_count) >= 2)); then node_names | sed 's/^/slurmd-/'; else echo slurmd; fi
+}
+
+# The PIDs of the running slurmd daemons of this cluster; fails (status 1) unless all are running.
+slurmd_pids() {
+    local name pid all=0
+    for name in $(slurmd_names); do
+        pid="$(pid_of "$name")"
+        if [[ -n "$pid" ]]; then echo "$pid"; else all=1; fi
+    done
+    return "$all"
 }
 
 cmd_install() {
-    if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then
+    if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 \
+        && command -v ip >/dev/null 2>&1 && command -v unshare >/dev/null 2>&1; then
         echo "slurm already installed: $(slurmctld -V)"
         return 0
     fi
     [[ "$(id -u)" == 0 ]] || die "install needs root (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+    # iproute2 (ip netns, veth, bridge) and util-linux (unshare) for the several-node cluster.
+    apt-get install -y -qq --no-install-recommends slurm-wlm munge iproute2 util-linux >/dev/null
     echo "installed: $(slurmctld -V)"
 }
 
@@ -268,9 +424,15 @@ cmd_start() {
     command -v slurmctld >/dev/null 2>&1 || die "slurmctld not found (run: $0 install)"
     command -v munged >/dev/null 2>&1 || die "munged not found (run: $0 install)"
     [[ "$(id -u)" == 0 ]] || die "this cluster runs its daemons as root (SlurmUser=root); run as root"
+    [[ "$(node_count)" =~ ^[1-9][0-9]?$ ]] || die "--nodes: expected 1 to 99, got '$(node_count)'"
     D="$(abs_dir "$D")"
     export SLURM_CONF="$D/slurm.conf"
-    if [[ -n "$(pid_of slurmctld)" && -n "$(pid_of slurmd)" && -n "$(pid_of munged)" ]]; then
+    local recorded=1
+    [[ -s "$D/nodes" ]] && recorded="$(tr -dc '0-9' < "$D/nodes")"
+    if [[ -n "$(pid_of slurmctld)" && "$recorded" != "$(node_count)" ]]; then
+        die "the cluster in $D runs $recorded node(s), not $(node_count): stop it first ($0 stop $D)"
+    fi
+    if [[ -n "$(pid_of slurmctld)" && -n "$(pid_of munged)" ]] && slurmd_pids >/dev/null; then
         echo "local slurm cluster already running in $D" >&2
         export_line
         return 0
@@ -278,33 +440,57 @@ cmd_start() {
     mkdir -p "$D/state" "$D/spool"
     chmod 0755 "$D"
     write_sacct
-    if [[ -z "$(pid_of slurmctld)" && -z "$(pid_of slurmd)" ]]; then
+    local n
+    if (($(node_count) >= 2)); then
+        for n in $(node_names); do
+            if ip netns list 2>/dev/null | grep -qw "^$n" && [[ "$recorded" != "$(node_count)" ]]; then
+                die "the network namespace $n exists already (another several-node cluster?): stop that one first, or remove it: ip netns del $n"
+            fi
+        done
+        echo "$(node_count)" > "$D/nodes"
+        net_up
+    else
+        rm -f "$D/nodes"
+    fi
+    if [[ -z "$(pid_of slurmctld)" && -z "$(slurmd_pids)" ]]; then
         write_conf
     fi
     local t0=$SECONDS
     start_munged
-    start_daemon slurmctld -c -i  # -c: a clean cluster, no jobs from an earlier run
-    start_daemon slurmd
-    local state=""
+    if [[ -z "$(pid_of slurmctld)" ]]; then
+        start_daemon slurmctld -c -i  # -c: a clean cluster, no jobs from an earlier run
+    fi
+    if (($(node_count) >= 2)); then
+        for n in $(node_names); do start_node "$n"; done
+    else
+        start_daemon slurmd
+    fi
+    local states="" bad="" state=""
     while ((SECONDS - t0 < START_TIMEOUT)); do
-        state="$(sinfo -h -p debug -o %T 2>/dev/null | head -n 1 || true)"
-        case "$state" in
-            idle | mixed | allocated | completing) break ;;
-            down* | drain* | fail*) scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true ;;
-        esac
-        if [[ -z "$(pid_of slurmctld)" || -z "$(pid_of slurmd)" ]]; then
+        # One line per node: NAME STATE; done when every node can run jobs.
+        states="$(sinfo -h -N -p debug -o '%N %T' 2>/dev/null || true)"
+        bad="$(awk '$2 !~ /^(idle|mixed|allocated|completing)$/' <<< "$states")"
+        [[ -n "$states" && -z "$bad" ]] && break
+        while read -r n state; do
+            case "$state" in
+                down* | drain* | fail*) scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true ;;
+            esac
+        done <<< "$bad"
+        if [[ -z "$(pid_of slurmctld)" ]] || ! slurmd_pids >/dev/null; then
             start_failed "a slurm daemon died during start-up (state dir $D)"
         fi
         sleep 0.5
     done
-    case "$state" in
-        idle | mixed | allocated | completing) ;;
-        *)
-            sinfo -N -l >&2 2>&1 || true
-            start_failed "node not idle after ${START_TIMEOUT}s (state: '${state:-none}'; state dir $D)"
-            ;;
-    esac
-    echo "local slurm cluster up in $((SECONDS - t0))s: node $(hostname -s), partition debug, state dir $D" >&2
+    if [[ -z "$states" || -n "$bad" ]]; then
+        sinfo -N -l >&2 2>&1 || true
+        start_failed "node(s) not idle after ${START_TIMEOUT}s (${bad:-no node}; state dir $D)"
+    fi
+    if (($(node_count) >= 2)); then
+        echo "local slurm cluster up in $((SECONDS - t0))s: nodes $(node_names | tr '\n' ' ')(namespaces, $SUBNET.0/24)," \
+            "partition debug, state dir $D" >&2
+    else
+        echo "local slurm cluster up in $((SECONDS - t0))s: node $(hostname -s), partition debug, state dir $D" >&2
+    fi
     export_line
 }
 
@@ -357,9 +543,9 @@ cmd_stop() {
     [[ -d "$D" ]] || { echo "not running (no $D)"; return 0; }
     D="$(cd "$D" && pwd -P)"
     export SLURM_CONF="$D/slurm.conf"
-    local ctld slurmd munged
-    ctld="$(pid_of slurmctld)"; slurmd="$(pid_of slurmd)"; munged="$(pid_of munged)"
-    if [[ -n "$ctld" && -n "$slurmd" ]]; then
+    local ctld slurmds munged
+    ctld="$(pid_of slurmctld)"; slurmds="$(slurmd_pids | tr '\n' ' ' || true)"; munged="$(pid_of munged)"
+    if [[ -n "$ctld" && -n "$slurmds" ]]; then
         # Cancel the jobs first, so that their steps end normally (bounded wait).
         local jobs i
         jobs="$(squeue -h -o %A 2>/dev/null || true)"
@@ -373,7 +559,8 @@ cmd_stop() {
             done
         fi
     fi
-    kill_pids "$slurmd"
+    # shellcheck disable=SC2086
+    kill_pids $slurmds
     # Leftover job steps of this cluster and everything under them.
     local steps
     steps="$(stepd_pids)"
@@ -383,8 +570,14 @@ cmd_stop() {
     fi
     kill_pids "$ctld"
     kill_pids "$munged"
-    rm -f "$D/slurmd.pid" "$D/slurmctld.pid" "$D/munged.pid"
-    if [[ -n "$ctld$slurmd$munged" ]]; then
+    local name
+    for name in $(slurmd_names); do rm -f "$D/$name.pid"; done
+    rm -f "$D/slurmctld.pid" "$D/munged.pid"
+    if (($(node_count) >= 2)); then
+        net_down  # also ends whatever else still runs in the nodes' namespaces
+        rm -f "$D/nodes"
+    fi
+    if [[ -n "$ctld$slurmds$munged" ]]; then
         echo "local slurm cluster in $D stopped"
     else
         echo "not running ($D)"
@@ -393,11 +586,21 @@ cmd_stop() {
 
 cmd_status() {
     D="$(cd "$D" 2>/dev/null && pwd -P)" || { echo "not running"; return 1; }
-    if [[ -z "$(pid_of slurmctld)" || -z "$(pid_of slurmd)" || -z "$(pid_of munged)" ]]; then
+    if [[ -z "$(pid_of slurmctld)" || -z "$(pid_of munged)" ]] || ! slurmd_pids >/dev/null; then
         echo "not running ($D)"
         return 1
     fi
     SLURM_CONF="$D/slurm.conf" sinfo
+}
+
+# exec NODE CMD...: run CMD in the namespaces (network, UTS, mount) of NODE's running slurmd.
+cmd_exec() {
+    local n="${EXEC_ARGS[0]:-}" pid
+    ((${#EXEC_ARGS[@]} >= 2)) || die "usage: $0 exec NODE CMD..."
+    D="$(cd "$D" 2>/dev/null && pwd -P)" || die "no cluster in $D"
+    pid="$(pid_of "slurmd-$n")"
+    [[ -n "$pid" ]] || die "node $n is not running in $D (nodes: $(node_names | tr '\n' ' '))"
+    exec nsenter -t "$pid" -n -u -m -- "${EXEC_ARGS[@]:1}"
 }
 
 case "$CMD" in
@@ -405,6 +608,7 @@ case "$CMD" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
+    exec) D="${POA_SLURM_DIR:-/tmp/poa-slurm}"; cmd_exec ;;
     env) D="$(realpath -m "$D")"; export_line ;;
-    *) echo "usage: $0 {install|start|stop|status|env} [STATE_DIR]" >&2; exit 2 ;;
+    *) echo "usage: $0 {install|start [--nodes N]|stop|status|env} [STATE_DIR] | exec NODE CMD..." >&2; exit 2 ;;
 esac

@@ -62,11 +62,12 @@ class SlurmStartError(RuntimeError):
     """The cluster was started but did not come up; the message holds the daemons' log tails."""
 
 
-def unavailable_reason() -> Optional[str]:
-    """Why a local cluster cannot be started here, or None."""
+def unavailable_reason(nodes: int = 1) -> Optional[str]:
+    """Why a local cluster (of ``nodes`` nodes) cannot be started here, or None."""
     if not SCRIPT.is_file():
         return f"{SCRIPT} not found"
-    missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch", "scontrol") if shutil.which(c) is None]
+    tools = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol") + (("ip", "unshare", "nsenter") if nodes > 1 else ())
+    missing = [c for c in tools if shutil.which(c) is None]
     if missing:
         return f"Slurm is not installed ({', '.join(missing)} not on PATH; run: bash slurm/local_cluster.sh install)"
     if os.geteuid() != 0:
@@ -99,6 +100,8 @@ class SlurmCluster:
     partition: str = PARTITION
     # Jobs submitted here preempt (requeue) the jobs of `partition`.
     preempt_partition: str = PREEMPT_PARTITION
+    # The namespaced nodes of a several-node cluster (`start --nodes N`: poa-node01, ...); () for one node.
+    nodes: Tuple[str, ...] = ()
 
     @property
     def conf(self) -> Path:
@@ -193,9 +196,34 @@ class SlurmCluster:
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
+    # -- nodes of a several-node cluster ---------------------------------------------------------------
+
+    def node_pids(self, node: str) -> List[int]:
+        """Every process in ``node``'s network namespace: its slurmd, job steps and tasks."""
+        r = subprocess.run(["ip", "netns", "pids", node], check=True, capture_output=True, text=True, timeout=30)
+        return [int(p) for p in r.stdout.split()]
+
+    def kill_node(self, node: str) -> List[int]:
+        """SIGKILL every process of ``node`` (as if it lost power); returns their PIDs."""
+        pids = self.node_pids(node)
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def start_nodes(self, timeout: float = 60) -> None:
+        """(Re)start the slurmd of every node that is not running (a node coming back), wait until idle."""
+        r = subprocess.run(["bash", str(SCRIPT), "start", "--nodes", str(len(self.nodes)), str(self.state_dir)],
+                           check=False, capture_output=True, text=True, timeout=timeout + 60,
+                           env={**self.env, "POA_SLURM_START_TIMEOUT": str(int(timeout))}, stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise SlurmStartError(f"local_cluster.sh start failed (rc={r.returncode}):\n{r.stdout}{r.stderr}")
+
     def log_tail(self, lines: int = 20) -> str:
         out = []
-        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
+        for name in ("slurmctld.log", "slurmd.log", *(f"slurmd-{n}.log" for n in self.nodes), "munged.log"):
             p = self.state_dir / name
             if p.exists():
                 tail = p.read_text(errors="replace").splitlines()[-lines:]
@@ -213,10 +241,12 @@ def start_local_slurm(
     ctld_port: Optional[int] = None,
     slurmd_port: Optional[int] = None,
     timeout: float = 60,
+    nodes: int = 1,
 ) -> SlurmCluster:
-    """Start (or find running) the local cluster in `state_dir`; free ports unless given.
+    """Start (or find running) the local cluster in `state_dir`; free ports unless given; ``nodes`` >= 2:
+    that many namespaced nodes (slurm/local_cluster.sh start --nodes N).
     Raises SlurmUnavailable or SlurmStartError (message with the daemons' log tails)."""
-    reason = unavailable_reason()
+    reason = unavailable_reason(nodes)
     if reason:
         raise SlurmUnavailable(reason)
     state_dir = Path(state_dir).resolve()
@@ -233,7 +263,7 @@ def start_local_slurm(
     )
     try:
         r = subprocess.run(
-            ["bash", str(SCRIPT), "start", str(state_dir)],
+            ["bash", str(SCRIPT), "start", "--nodes", str(nodes), str(state_dir)],
             check=False,
             env=env,
             capture_output=True,
@@ -245,7 +275,8 @@ def start_local_slurm(
         cluster = SlurmCluster(state_dir)
         cluster.stop()
         raise SlurmStartError(f"local_cluster.sh start timed out\n{e.stdout or ''}{e.stderr or ''}") from e
-    cluster = SlurmCluster(state_dir)
+    names = tuple(f"poa-node{i:02d}" for i in range(1, nodes + 1)) if nodes >= 2 else ()
+    cluster = SlurmCluster(state_dir, nodes=names)
     if r.returncode != 0:
         cluster.stop()
         raise SlurmStartError(f"local_cluster.sh start failed (rc={r.returncode}):\n{r.stdout}{r.stderr}")
@@ -272,14 +303,27 @@ def pytest_configure(config):
 def slurm_cluster(tmp_path_factory):
     """A running single-node cluster (partition `debug`) for the whole session; SLURM_CONF and PATH
     of this process point at it while the session lasts (submitit and subprocesses find it)."""
+    yield from _cluster(tmp_path_factory, nodes=1)
+
+
+@pytest.fixture(scope="module")
+def slurm_nodes(tmp_path_factory):
+    """A running three-node cluster (poa-node01 .. poa-node03, each in its own network and UTS namespace,
+    at 10.233.0.11 .. .13) for the tests of one module, which run two-node jobs: the third node is where a
+    job requeued after a node failure goes, as on a real cluster. SLURM_CONF and PATH point at it meanwhile.
+    Several-node clusters use fixed names: one at a time on a machine."""
+    yield from _cluster(tmp_path_factory, nodes=3)
+
+
+def _cluster(tmp_path_factory, nodes: int):
     required = os.environ.get("POA_SLURM_REQUIRED", "") not in ("", "0")
     give_up = pytest.fail if required else pytest.skip
-    reason = unavailable_reason()
+    reason = unavailable_reason(nodes)
     if reason:
         give_up(reason)
     state_dir, remove = _state_dir(tmp_path_factory)
     try:
-        cluster = start_local_slurm(state_dir)
+        cluster = start_local_slurm(state_dir, nodes=nodes)
     except (SlurmUnavailable, SlurmStartError) as e:
         if remove:
             shutil.rmtree(state_dir, ignore_errors=True)
