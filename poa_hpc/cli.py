@@ -37,7 +37,9 @@ from poa_hpc.errors import ConfigError, UsageError, WorkerFailure
 log = logging.getLogger("poa_hpc")
 
 # Modules that register `poa` subcommands (poa_hpc.commands.register_command): one line each.
-COMMAND_MODULES: Tuple[str, ...] = ()
+COMMAND_MODULES: Tuple[str, ...] = (
+    "poa_hpc.data.pack",
+)
 
 
 def packaged_config(name: str) -> Path:
