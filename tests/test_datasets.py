@@ -222,6 +222,10 @@ def _bad_inputs(tmp: Path) -> dict:
     (only_text / "a.txt").write_text("x")
     empty = tmp / "empty"
     empty.mkdir()
+    fake = tmp / "fake"
+    fake.mkdir()
+    for i in range(80):
+        (fake / f"x{i}.jpg").write_bytes(b"not a jpeg at all")
     bad_index = tmp / "bad_index"
     bad_index.mkdir()
     (bad_index / "index.json").write_text("{not json")
@@ -231,13 +235,14 @@ def _bad_inputs(tmp: Path) -> dict:
         "no images": (["data.dataset=folder", f"data.root={only_text}"], "no image files"),
         "flat imagefolder": (["data.dataset=imagefolder", f"data.root={flat}"], "data.dataset=folder"),
         "too few images": (["data.dataset=folder", f"data.root={flat}"], "fewer than one global batch"),
+        "no decodable image": (["data.dataset=folder", f"data.root={fake}"], "none of 16 images.*could be decoded"),
         "not a pack": (["data.dataset=shards", f"data.root={flat}"], "poa data pack"),
         "unreadable index": (["data.dataset=shards", f"data.root={bad_index}"], "index.*unreadable"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing root", "empty root", "no images", "flat imagefolder", "too few images",
-                                  "not a pack", "unreadable index"])
+                                  "no decodable image", "not a pack", "unreadable index"])
 def test_bad_data_is_one_line_exit_2_before_training(case, tmp_path, capsys):
     from poa_hpc.cli import main
 

@@ -139,6 +139,7 @@ def check_train_data(cfg: POAConfig, world_size: int = 1, dataset: Optional[Data
     Call it before the process group exists: a data problem then ends every rank
     at once with exit code 2 (not requeued) instead of one rank crashing.
     """
+    _check_data_keys(cfg)
     raw = dataset if dataset is not None else build_train_dataset(cfg)
     compute_iters_per_epoch(len(raw), cfg.optim.batch_size * world_size, cfg.optim.iters_per_epoch)  # type: ignore[arg-type]
     if cfg.data.loader != "torch" and not hasattr(raw, "read_bytes"):
@@ -146,7 +147,50 @@ def check_train_data(cfg: POAConfig, world_size: int = 1, dataset: Optional[Data
             f"key 'data.loader': {cfg.data.loader!r} decodes encoded images, but data.dataset={cfg.data.dataset!r} "
             "holds its images in memory; use data.loader=torch for it"
         )
+    _check_decodable(raw)
     return raw
+
+
+def _check_data_keys(cfg: POAConfig) -> None:
+    d = cfg.data
+    for key in ("global_size", "local_size"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"key 'data.{key}': {getattr(d, key)} must be >= 1 pixel")
+    for key in ("n_local", "num_workers"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"key 'data.{key}': {getattr(d, key)} must be >= 0")
+    for kind in ("global", "local"):
+        lo, hi = getattr(d, f"{kind}_scale_min"), getattr(d, f"{kind}_scale_max")
+        if not (0 < lo <= hi <= 1):
+            raise ConfigError(f"key 'data.{kind}_scale_min': the crop scales ({lo}, {hi}) must satisfy "
+                              f"0 < data.{kind}_scale_min <= data.{kind}_scale_max <= 1")
+
+
+def _check_decodable(raw: Dataset, n: int = 16) -> None:
+    """At least one of ``n`` images spread over the dataset decodes (stops at the first that does).
+
+    Single unreadable images are skipped during training; a dataset of which none
+    decodes (files with image extensions that are not images, a wrong format)
+    would only skip until :class:`RobustDataset` gives up mid-run, so it is an
+    error here, before training.
+    """
+    describe = getattr(raw, "describe", None)
+    if describe is None:  # in-memory datasets (digits)
+        return
+    size = len(raw)  # type: ignore[arg-type]
+    picks = sorted({int(i) for i in torch.linspace(0, size - 1, min(n, size)).round().tolist()})
+    failures = []
+    for i in picks:
+        try:
+            raw[i]
+            return
+        except Exception as exc:  # any decode/IO failure
+            failures.append((describe(i), f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+    name, why = failures[0]
+    raise DataError(
+        f"key 'data.root': none of {len(picks)} images sampled across '{getattr(raw, 'root', '?')}' could be decoded "
+        f"(e.g. {name}: {why}); point data.root at readable images (`poa data pack` lists and skips unreadable ones)"
+    )
 
 
 class _Described:
