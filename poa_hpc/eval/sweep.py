@@ -312,7 +312,7 @@ def run_sweep(
     dims = [spec.feature_dim(arch, s.width) for s in subnets]
     n_img, n_sub = len(train) + len(val), len(subnets)
     feat_gb = sum(n_img * 2 * d * 4 for d in dims) / 1024 ** 3
-    log(f"sweep: {n_img:,} images ({len(train):,} train + {len(val):,} val, {cfg.data.dataset} at {img_size} px) x "
+    log(f"sweep: {n_img:,} images ({len(train):,} train + {len(val):,} val, {cfg.data.eval_root or cfg.data.dataset} at {img_size} px) x "
         f"{n_sub} sub-networks = {n_img * n_sub:,} forward passes (~{n_img * sum(costs):,.0f} GFLOPs); "
         f"features {feat_gb:.2f} GB; on {device}")
 
