@@ -128,7 +128,10 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, shard_size: int = 10**9
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if (out / INDEX_JSON).exists():
         raise UsageError(f"'{out}' already holds a finished pack ({INDEX_JSON}); choose another -o folder")
-    source = FolderDataset(src)  # sorted listing, labels from class subfolders; DataError if no images
+    try:
+        source = FolderDataset(src)  # sorted listing, labels from class subfolders
+    except DataError as exc:  # its message names data.root; here the folder is SRC
+        raise DataError(str(exc).replace("key 'data.root': ", "SRC: ").replace("point data.root at", "give")) from None
     paths = [p for p, _ in source.samples]
     labelled = bool(source.classes)
     rel = [os.path.relpath(p, src) for p in paths]

@@ -342,7 +342,8 @@ def run_sweep(
     if out_dir is not None:
         provenance = {
             "checkpoint": source, "step": step, "family": family, "model": dataclasses.asdict(arch),
-            "dataset": {"name": cfg.data.dataset, "root": cfg.data.root if cfg.data.dataset != "digits" else "",
+            "dataset": {"name": "folder" if cfg.data.eval_root else cfg.data.dataset,
+                        "root": cfg.data.eval_root or (cfg.data.root if cfg.data.dataset != "digits" else ""),
                         "image_size": img_size, "num_classes": num_classes, "n_train": len(train),
                         "n_train_total": n_train_total, "n_val": len(val), "train_per_class": train_per_class or None},
             "knn": {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,
