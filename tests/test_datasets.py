@@ -106,6 +106,28 @@ def test_folder_flat_and_nested(tmp_path):
         ImageFolderDataset(flat)
 
 
+def test_mixed_image_modes_train_as_rgb(tmp_path):
+    """A folder mixing modes (RGB, L, RGBA, P, CMYK, 16-bit) trains: every image becomes RGB, 16-bit scaled."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)
+    gray16 = (np.arange(24 * 28).reshape(24, 28) * 97).astype(np.uint16)
+    images = {"rgb.jpg": Image.fromarray(rgb), "gray.png": Image.fromarray(rgb[..., 0]),
+              "rgba.png": Image.fromarray(rgb).convert("RGBA"), "pal.png": Image.fromarray(rgb).convert("P"),
+              "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"), "deep.png": Image.fromarray(gray16),
+              "rgb.webp": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb[..., 1])}
+    for name, img in images.items():
+        img.save(tmp_path / name)
+    ds = FolderDataset(tmp_path)
+    modes = {Path(p).name: Image.open(p).mode for p, _ in ds.samples}
+    assert modes["deep.png"].startswith("I") and modes["cmyk.jpg"] == "CMYK" and modes["pal.png"] == "P"
+    for i in range(len(ds)):
+        assert ds[i][0].mode == "RGB"
+    deep = np.asarray(ds[[Path(p).name for p, _ in ds.samples].index("deep.png")][0])[..., 0]
+    assert np.array_equal(deep, np.round(gray16 * (255 / 65535)).astype(np.uint8))  # scaled, not clipped to white
+    batch = _take(build_train_loader(_cfg("folder", tmp_path))[0], 1)[0]
+    assert batch["global_crops"].shape == (2 * B, 3, 32, 32) and batch["n_skipped"] == 0
+
+
 def test_shards_index_matches_the_files(images, packed):
     folder, shards = FolderDataset(images), ShardsDataset(packed)
     assert len(shards) == len(folder) and shards.classes == folder.classes
