@@ -137,7 +137,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, shard_size: int = 10**9
     rel = [os.path.relpath(p, src) for p in paths]
     listing = hashlib.blake2b("\n".join(rel).encode(), digest_size=16).hexdigest()
     out.mkdir(parents=True, exist_ok=True)
-    state = {"source": str(src), "listing": listing, "files": len(paths), "shard_size": shard_size}
+    state = {"source": str(src.resolve()), "listing": listing, "files": len(paths), "shard_size": shard_size}
     state_path = out / STATE
     if state_path.exists():
         old = json.loads(state_path.read_text())
