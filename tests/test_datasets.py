@@ -320,3 +320,24 @@ def test_two_processes_match_one_on_shards(tmp_path):
     two = train(tmp_path / "two", 2, "ddp", *base)
     assert_same_run(one, two)
     assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+def test_eval_reads_a_labelled_eval_root_whatever_trains(packed, tmp_path):
+    from poa_hpc.data import build_eval_datasets
+    from poa_hpc.errors import ConfigError
+
+    for split, n in (("train", 9), ("val", 6)):
+        _write_images(tmp_path / "labelled" / split, n, seed=n)
+    cfg = _cfg("shards", packed, f"data.eval_root={tmp_path / 'labelled'}", "eval.image_size=16")
+    train, val, k = build_eval_datasets(cfg)
+    assert (len(train), len(val), k) == (9, 6, 3)
+    x, label = val[4]
+    path = val.source.dataset.samples[4][0]
+    assert x.shape == (3, 16, 16) and label == int(Path(path).relative_to(tmp_path / "labelled" / "val").parts[0][1:])
+    with pytest.raises(ConfigError, match="data.eval_root"):
+        build_eval_datasets(_cfg("shards", packed))
+    (tmp_path / "flat").mkdir()
+    _write_images(tmp_path / "flat" / "train", 3, nested=False)
+    _write_images(tmp_path / "flat" / "val", 3, nested=False)
+    with pytest.raises(DataError, match="class subfolders"):
+        build_eval_datasets(_cfg("shards", packed, f"data.eval_root={tmp_path / 'flat'}"))
