@@ -42,6 +42,7 @@ COMMAND_MODULES: Tuple[str, ...] = (
     "poa_hpc.bench.data",          # bench data
     "poa_hpc.bench.step",          # bench step
     "poa_hpc.perf.commands",       # estimate flops|memory|comm, profile
+    "poa_hpc.data.pack",           # data pack
 )
 
 GROUP_HELP = {

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from poa_hpc.distributed.registry import engine_names
 from poa_hpc.errors import ConfigError, UsageError
+from poa_hpc.data.registry import dataset_names, get_dataset
 from poa_hpc.models.registry import backbone_names, get_backbone
 
 __all__ = ["POAConfig", "ModelConfig", "load_config", "packaged_config", "from_dict", "to_dict", "to_yaml", "flatten"]
@@ -81,9 +82,12 @@ class LossConfig:
 
 
 @dataclass
-class DataConfig:
-    dataset: str = "imagefolder"  # imagefolder | filelist | digits
-    root: str = ""  # folder (ImageNet layout) or file list, unused for digits
+class _DataFields:
+    dataset: str = "imagefolder"  # a registered dataset (poa_hpc/data/registry.py): folder | imagefolder | filelist | digits | shards
+    root: str = ""  # folder of images, file list or shard folder (`poa data pack`); unused for digits
+    # Labelled images for k-NN evaluation, as <eval_root>/{train,val}/<class>/<image>; empty: data.root
+    # (for datasets that carry labels: folder, imagefolder, digits).
+    eval_root: str = ""
     global_size: int = 224
     local_size: int = 96
     n_local: int = 8
@@ -96,6 +100,18 @@ class DataConfig:
     loader: str = "torch"
     num_workers: int = 8
     digits_size: int = 32  # side length the 8x8 digits are upscaled to
+
+
+def _data_config_cls() -> type:
+    """``data``: the shared keys plus one section per registered dataset that has options (``data.shards``)."""
+    sections = [(n, get_dataset(n).config_cls, field(default_factory=get_dataset(n).config_cls))
+                for n in dataset_names() if get_dataset(n).config_cls is not None]
+    cls = make_dataclass("DataConfig", sections, bases=(_DataFields,))
+    cls.__module__ = __name__
+    return cls
+
+
+DataConfig = _data_config_cls()
 
 
 @dataclass
@@ -187,7 +203,7 @@ _CHOICES = {
     "model.elastic_linear": ("torch", "triton", "auto"),
     "model.attention": ("sdpa", "xformers", "math"),
     "model.rank_sampling": ("per_rank", "shared"),
-    "data.dataset": ("imagefolder", "filelist", "digits"),
+    "data.dataset": dataset_names(),
     "data.loader": ("torch", "dali", "dali_cpu"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("auto", "bf16", "none"),

@@ -1,13 +1,20 @@
-"""Multi-crop loader throughput: torchvision vs DALI (CPU backend) vs DALI (nvJPEG on the GPU).
+"""Multi-crop loader throughput: torchvision vs DALI (CPU backend) vs DALI (nvJPEG on the GPU),
+each reading image files or packed shards (``poa data pack``) of the same images.
 
-    poa bench data                         # every loader that can run here, 2 global + 8 local crops
-    poa bench data --loaders torch dali --workers 8 16 --batch 128
+    poa bench data                         # every loader that can run here, files and shards
+    poa bench data --loaders torch dali --workers 8 16 --batch 128 --sources shards
 
 Without ``--data`` it generates (once, cached) an ImageNet-like set: JPEGs of
 about 500x375 pixels and about 110 KB, the size and weight of an average
 ImageNet-1k training image, in 10 class folders.  Each loader produces POA's
 full training batch (2 x 224 crops, ``--n-local`` x 96 crops, iBOT masks) from
 it; img/s counts source images per second after ``--warmup`` batches.
+``--sources files shards`` reads the images as files (``data.dataset=imagefolder``)
+and as shards packed from them (``data.dataset=shards``, packed once, cached);
+``opens/img`` counts the files opened per image during the timed batches (every
+``open``/``os.open`` of this process and its loader workers, through a Python
+audit hook): about one per image from files, about none from shards (each
+worker keeps its shards open).
 ``--workers`` is the CPU budget: DataLoader worker processes for ``torch``,
 DALI CPU threads for ``dali_cpu`` and ``dali``.  Prints a table and writes JSON
 under ``benchmarks/results/``.
@@ -26,6 +33,27 @@ from poa_hpc.commands import register_command
 from poa_hpc.results import write_result
 
 LOADERS = ("torch", "dali_cpu", "dali")
+SOURCES = ("files", "shards")
+_OPENS = None  # a shared counter of file opens (this process and its forked workers), see _count_opens
+
+
+def _count_opens():
+    """A process-shared counter incremented by every ``open``/``os.open`` (Python audit hook, inherited by forks)."""
+    global _OPENS
+    if _OPENS is None:
+        import multiprocessing as mp
+        import sys
+
+        counter = mp.get_context("fork").Value("q", 0)
+
+        def hook(event: str, args: tuple) -> None:
+            if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+                with counter.get_lock():
+                    counter.value += 1
+
+        sys.addaudithook(hook)
+        _OPENS = counter
+    return _OPENS
 
 
 def _photo_like(rng: np.random.Generator, w: int, h: int, detail: float) -> np.ndarray:
@@ -71,14 +99,16 @@ def generate_jpegs(folder: Path, n: int, size=(500, 375), target_kb: float = 110
     return folder
 
 
-def _measure(loader_kind: str, root: Path, workers: int, batch: int, n_local: int, steps: int, warmup: int) -> dict:
+def _measure(loader_kind: str, root: Path, workers: int, batch: int, n_local: int, steps: int, warmup: int,
+             dataset: str = "imagefolder") -> dict:
     import torch
 
     from poa_hpc.config import load_config
     from poa_hpc.data import build_train_loader
 
+    opens = _count_opens()
     cfg = load_config(overrides=[
-        "data.dataset=imagefolder", f"data.root={root}", f"data.loader={loader_kind}",
+        f"data.dataset={dataset}", f"data.root={root}", f"data.loader={loader_kind}",
         f"data.num_workers={workers}", f"optim.batch_size={batch}", f"data.n_local={n_local}",
         f"optim.iters_per_epoch={steps + warmup}",
     ])
@@ -88,15 +118,19 @@ def _measure(loader_kind: str, root: Path, workers: int, batch: int, n_local: in
             next(loader)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        opened0 = opens.value
         t0 = time.perf_counter()
         for _ in range(steps):
             b = next(loader)
         if b["global_crops"].is_cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        opened = opens.value - opened0
     finally:
         loader.close()
-    return {"img_per_s": steps * batch / dt, "ms_per_batch": 1e3 * dt / steps, "on": str(b["global_crops"].device)}
+    # the torch loader's workers run ahead (prefetch): opens are counted per image over the timed window
+    return {"img_per_s": steps * batch / dt, "ms_per_batch": 1e3 * dt / steps, "on": str(b["global_crops"].device),
+            "opens_per_img": opened / (steps * batch), "opens_per_s": opened / dt}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +138,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=512, help="size of the generated set")
     p.add_argument("--cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "poa_hpc"),
                    help="where the generated set is kept")
+    p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES,
+                   help="read the images as files, as shards packed from them (poa data pack), or both")
     p.add_argument("--loaders", nargs="+", default=None, choices=LOADERS,
                    help="default: torch and dali_cpu, plus dali with a GPU")
     p.add_argument("--workers", type=int, nargs="+", default=None, help="CPU workers/threads (default: all cores)")
@@ -140,22 +176,38 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers or [os.cpu_count() or 1]
     print(f"{len(files)} images, mean {np.mean(sizes) / 1024:.0f} KB; batch {args.batch}, 2 x 224 + "
           f"{args.n_local} x 96 crops; {os.cpu_count()} CPU cores")
-    print(f"{'loader':<10}{'workers':>8}{'img/s':>10}{'ms/batch':>10}  output")
+    shards = None
+    if "shards" in args.sources:
+        from poa_hpc.data.pack import pack
+
+        shards = root.parent / f"{root.name}_shards"
+        if not (shards / "index.json").exists():
+            t0 = time.perf_counter()
+            summary = pack(root, shards, shard_size=256 * 10**6, workers=os.cpu_count() or 1, progress=False)
+            print(f"packed {summary['packed']} images into {summary['shards']} shard(s) in {shards} "
+                  f"({time.perf_counter() - t0:.1f} s)")
+    print(f"{'loader':<10}{'source':<8}{'workers':>8}{'img/s':>10}{'ms/batch':>10}{'opens/img':>10}  output")
     rows = []
     for kind in loaders:
-        for nw in workers:
-            row: dict = {"loader": kind, "workers": nw}
-            try:
-                row.update(_measure(kind, root, nw, args.batch, args.n_local, args.steps, args.warmup))
-                print(f"{kind:<10}{nw:>8}{row['img_per_s']:>10.1f}{row['ms_per_batch']:>10.1f}  {row['on']}", flush=True)
-            except Exception as exc:  # one loader failing (no GPU, no DALI) must not hide the others
-                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                print(f"{kind:<10}{nw:>8}  error: {row['error']}", flush=True)
-            rows.append(row)
-    base = {r["workers"]: r["img_per_s"] for r in rows if r["loader"] == "torch" and "img_per_s" in r}
+        for source in args.sources:
+            for nw in workers:
+                row: dict = {"loader": kind, "source": source, "workers": nw}
+                try:
+                    row.update(_measure(kind, shards if source == "shards" else root, nw, args.batch, args.n_local,
+                                        args.steps, args.warmup, "shards" if source == "shards" else "imagefolder"))
+                    print(f"{kind:<10}{source:<8}{nw:>8}{row['img_per_s']:>10.1f}{row['ms_per_batch']:>10.1f}"
+                          f"{row['opens_per_img']:>10.2f}  {row['on']}", flush=True)
+                except Exception as exc:  # one loader failing (no GPU, no DALI) must not hide the others
+                    row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    print(f"{kind:<10}{source:<8}{nw:>8}  error: {row['error']}", flush=True)
+                rows.append(row)
+    base = {(r["workers"], r["source"]): r["img_per_s"] for r in rows if r["loader"] == "torch" and "img_per_s" in r}
+    files = {(r["workers"], r["loader"]): r["img_per_s"] for r in rows if r["source"] == "files" and "img_per_s" in r}
     for r in rows:
-        if "img_per_s" in r and r["workers"] in base:
-            r["speedup_vs_torch"] = r["img_per_s"] / base[r["workers"]]
+        if "img_per_s" in r and (r["workers"], r["source"]) in base:
+            r["speedup_vs_torch"] = r["img_per_s"] / base[(r["workers"], r["source"])]
+        if "img_per_s" in r and r["source"] == "shards" and (r["workers"], r["loader"]) in files:
+            r["speedup_vs_files"] = r["img_per_s"] / files[(r["workers"], r["loader"])]
     write_result("data", rows, args.out, {
         "images": len(files), "mean_kb": float(np.mean(sizes) / 1024), "batch": args.batch, "n_local": args.n_local,
         "global_size": 224, "local_size": 96, "steps": args.steps, "cpu_cores": os.cpu_count(),

@@ -1,61 +1,38 @@
-"""Data pipeline: multi-crop augmentation, datasets, iBOT masks, deterministic loader."""
+"""Data pipeline: multi-crop augmentation, datasets, iBOT masks, deterministic loader.
 
-from .collate import MultiCropCollator, build_collator, collate_multicrop
-from .datasets import (
-    IMG_EXTENSIONS,
-    DigitsDataset,
-    FileListDataset,
-    ImageFolderDataset,
-    LoadedItem,
-    RobustDataset,
-    TransformedDataset,
-    load_image,
-)
-from .loader import (
-    SampleKey,
-    StepBatchSampler,
-    TrainLoader,
-    build_eval_datasets,
-    build_train_dataset,
-    build_train_loader,
-    compute_iters_per_epoch,
-)
-from .masking import MaskingGenerator
-from .transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EvalTransform,
-    MultiCropAugmentation,
-    build_multicrop,
-    derive_seed,
-    seeded_rng,
-)
+Names are imported lazily (PEP 562) so that :mod:`poa_hpc.config` can read the
+dataset registry (:mod:`poa_hpc.data.registry`) without importing the loaders.
+"""
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "IMG_EXTENSIONS",
-    "DigitsDataset",
-    "EvalTransform",
-    "FileListDataset",
-    "ImageFolderDataset",
-    "LoadedItem",
-    "MaskingGenerator",
-    "MultiCropAugmentation",
-    "MultiCropCollator",
-    "RobustDataset",
-    "SampleKey",
-    "StepBatchSampler",
-    "TrainLoader",
-    "TransformedDataset",
-    "build_collator",
-    "build_eval_datasets",
-    "build_multicrop",
-    "build_train_dataset",
-    "build_train_loader",
-    "collate_multicrop",
-    "compute_iters_per_epoch",
-    "derive_seed",
-    "load_image",
-    "seeded_rng",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "MultiCropCollator": "collate", "build_collator": "collate", "collate_multicrop": "collate",
+    "IMG_EXTENSIONS": "datasets", "DigitsDataset": "datasets", "FileListDataset": "datasets",
+    "FolderDataset": "datasets", "ImageFolderDataset": "datasets", "LoadedItem": "datasets",
+    "RobustDataset": "datasets", "TransformedDataset": "datasets", "load_image": "datasets",
+    "SampleKey": "samplers", "StepBatchSampler": "samplers", "compute_iters_per_epoch": "samplers",
+    "TrainLoader": "loader", "build_eval_datasets": "loader", "build_train_dataset": "loader",
+    "build_train_loader": "loader", "check_train_data": "loader",
+    "ShardsDataset": "shards", "register_dataset": "registry", "dataset_names": "registry",
+    "MaskingGenerator": "masking",
+    "IMAGENET_MEAN": "transforms", "IMAGENET_STD": "transforms", "EvalTransform": "transforms",
+    "MultiCropAugmentation": "transforms", "build_multicrop": "transforms", "derive_seed": "transforms",
+    "seeded_rng": "transforms",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'poa_hpc.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_WHERE))

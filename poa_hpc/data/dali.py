@@ -6,7 +6,7 @@ DALI's CPU backend (no GPU needed, ``device_id=None``).  Both yield the batch
 the torchvision loader yields (same keys, view-major crops, the same iBOT masks)
 and keep its contract (see :mod:`poa_hpc.data.loader`):
 
-* **which images**: the same :class:`~poa_hpc.data.loader.StepBatchSampler`, so
+* **which images**: the same :class:`~poa_hpc.data.samplers.StepBatchSampler`, so
   rank ``r`` of ``W`` reads the same files at step ``s`` as the torch loader;
 * **how they are augmented**: every random decision (crop box, flip, jitter
   factors, grayscale, blur sigma, solarisation) is drawn on the host by
@@ -36,7 +36,7 @@ from __future__ import annotations
 import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 from poa_hpc.errors import ConfigError
 
 from .datasets import RobustDataset
-from .loader import StepBatchSampler
+from .samplers import StepBatchSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -249,9 +249,15 @@ class EncodedImageFiles(Dataset):
     counted exactly as the torch loader does.
     """
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], bad: Set[int], root: str = "") -> None:
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], bad: Set[int], root: str = "",
+                 read: Optional[Callable[[int], bytes]] = None) -> None:
         self.paths, self.labels, self.bad = paths, labels, bad
         self.root = root
+        self.read = read if read is not None else self._read_file
+
+    def _read_file(self, index: int) -> bytes:
+        with open(self.paths[index], "rb") as f:
+            return f.read()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -263,8 +269,7 @@ class EncodedImageFiles(Dataset):
         if index in self.bad:
             raise ValueError("DALI cannot decode it")
         try:
-            with open(self.paths[index], "rb") as f:
-                data = f.read()
+            data = self.read(index)
             width, height = probe_image(data)
         except (OSError, ValueError):
             self.bad.add(index)
@@ -468,6 +473,7 @@ class DaliMultiCropLoader:
         prefetch: int = 2,
         root: str = "",
         max_rebuilds: int = 8,
+        read: Optional[Callable[[int], bytes]] = None,
     ) -> None:
         if device not in ("cpu", "gpu"):
             raise ValueError(f"DaliMultiCropLoader: device must be 'cpu' or 'gpu', got {device!r}")
@@ -480,7 +486,8 @@ class DaliMultiCropLoader:
             device_id = None
         if len(specs) < 2:
             raise ValueError("DaliMultiCropLoader: need at least the two global views")
-        self.paths, self.labels = list(paths), list(labels)
+        # paths: each item's name (a file, or a shard and offset); read(i): its encoded bytes (default: the file)
+        self.paths, self.labels = paths, list(labels)
         self.sampler = sampler
         self.specs = list(specs)
         self.collator = collator
@@ -492,7 +499,7 @@ class DaliMultiCropLoader:
         self.root = root
         self.max_rebuilds = int(max_rebuilds)
         self.bad: Set[int] = set()  # indices of files found unreadable (header check or DALI)
-        self.files = RobustDataset(EncodedImageFiles(self.paths, self.labels, self.bad, root))
+        self.files = RobustDataset(EncodedImageFiles(self.paths, self.labels, self.bad, root, read))
         self.step = sampler.start_step
         self._pipe: Any = None
         self._source: Optional[_StepSource] = None

@@ -20,12 +20,17 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from poa_hpc.errors import ConfigError, DataError
+
+from .registry import register_dataset
 from .transforms import to_rgb
 
 __all__ = [
     "IMG_EXTENSIONS",
     "load_image",
+    "FolderDataset",
     "ImageFolderDataset",
+    "pillow_extensions",
     "FileListDataset",
     "DigitsDataset",
     "LoadedItem",
@@ -68,6 +73,15 @@ class _PathSamples(Dataset):
     def describe(self, index: int) -> str:
         return self.samples[index][0]
 
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded file of item ``index`` (what the DALI loaders decode)."""
+        with open(self.samples[index][0], "rb") as f:
+            return f.read()
+
+    @property
+    def labels(self) -> List[int]:
+        return [t for _, t in self.samples]
+
 
 class ImageFolderDataset(_PathSamples):
     """ImageNet layout: ``root/<class>/**/<image>``; classes sorted by name.
@@ -81,15 +95,15 @@ class ImageFolderDataset(_PathSamples):
         self.root = str(root)
         base = Path(root)
         if not base.is_dir():
-            raise FileNotFoundError(f"ImageFolderDataset: root '{self.root}' does not exist or is not a directory")
+            raise FileNotFoundError(f"key 'data.root': '{self.root}' does not exist or is not a directory")
         exts = tuple(e.lower() for e in extensions)
         self.classes: List[str] = sorted(
             d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")
         )
         if not self.classes:
-            raise ValueError(
-                f"ImageFolderDataset: root '{self.root}' has no class subfolders "
-                "(expected root/<class>/<image>)"
+            raise DataError(
+                f"key 'data.root': '{self.root}' has no class subfolders, which data.dataset=imagefolder needs "
+                "(root/<class>/<image>); for a folder of unlabelled images use data.dataset=folder"
             )
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: List[Tuple[str, int]] = []
@@ -100,11 +114,75 @@ class ImageFolderDataset(_PathSamples):
                     if not name.startswith(".") and name.lower().endswith(exts):
                         self.samples.append((os.path.join(dirpath, name), self.class_to_idx[cls]))
         if not self.samples:
-            raise ValueError(
-                f"ImageFolderDataset: root '{self.root}' contains no images with extensions {list(exts)}"
+            raise DataError(
+                f"key 'data.root': '{self.root}' contains no images with extensions {list(exts)} in its class "
+                "subfolders; point data.root at a folder of images"
             )
         self.targets: List[int] = [t for _, t in self.samples]
 
+
+
+# Pillow formats whose files need an external program or plugin to decode (not photos anyway).
+_NOT_PHOTOS = {"EPS", "HDF5", "FITS", "GRIB", "BUFR", "WMF", "MPEG", "PDF", "XVTHUMB"}
+
+
+@functools.lru_cache(maxsize=1)
+def pillow_extensions() -> Tuple[str, ...]:
+    """Lower-case extensions of every raster format Pillow can open (``.jpg``, ``.png``, ``.webp``, ``.tif``, ...)."""
+    Image.init()
+    return tuple(sorted(ext.lower() for ext, fmt in Image.registered_extensions().items()
+                        if fmt in Image.OPEN and fmt not in _NOT_PHOTOS))
+
+
+def scan_images(root: PathLike, extensions: Sequence[str]) -> Tuple[List[str], int]:
+    """Every file under ``root`` (recursively, sorted, following links, hidden entries skipped) whose
+    extension is in ``extensions``; and how many other files were passed over."""
+    exts = tuple(e.lower() for e in extensions)
+    found: List[str] = []
+    others = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(exts):
+                found.append(os.path.join(dirpath, name))
+            else:
+                others += 1
+    return found, others
+
+
+class FolderDataset(_PathSamples):
+    """Every image under ``root``, recursively (any extension Pillow opens); no labels needed.
+
+    When every image lies in a subfolder of ``root`` (``root/<class>/**/<image>``),
+    the subfolders' names, sorted, are the classes and each image's label is its
+    class index (used by evaluation); otherwise every label is ``-1``.  Items are
+    ``(PIL RGB image, label)`` in sorted path order (the order ``poa data pack``
+    writes them); unreadable files raise (:class:`RobustDataset` skips them).
+    """
+
+    def __init__(self, root: PathLike, extensions: Optional[Sequence[str]] = None) -> None:
+        self.root = str(root)
+        base = Path(root)
+        if not base.is_dir():
+            raise DataError(f"key 'data.root': '{self.root}' does not exist or is not a directory")
+        exts = tuple(extensions) if extensions is not None else pillow_extensions()
+        paths, others = scan_images(base, exts)
+        if not paths:
+            what = f" ({others} file(s) of other types)" if others else " (it is empty)"
+            raise DataError(
+                f"key 'data.root': no image files under '{self.root}'{what}; point data.root at a folder of "
+                "images (.jpg, .png, .webp, ... in any subfolder)")
+        prefix = len(str(base).rstrip(os.sep)) + 1
+        tops = [p[prefix:].split(os.sep, 1) for p in paths]
+        labelled = all(len(t) == 2 for t in tops)
+        self.classes: List[str] = sorted({t[0] for t in tops}) if labelled else []
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples: List[Tuple[str, int]] = [
+            (p, self.class_to_idx[t[0]] if labelled else -1) for p, t in zip(paths, tops)]
+        self.targets: List[int] = [t for _, t in self.samples]
+        self.n_other_files = others
 
 
 class FileListDataset(_PathSamples):
@@ -121,26 +199,31 @@ class FileListDataset(_PathSamples):
         self.root = str(list_file)
         path = Path(list_file)
         if not path.is_file():
-            raise FileNotFoundError(f"FileListDataset: list file '{self.root}' does not exist")
+            raise FileNotFoundError(f"key 'data.root': list file '{self.root}' does not exist")
         base = path.resolve().parent
         self.samples: List[Tuple[str, int]] = []
-        with open(path, "r", encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                item, label = line, -1
-                parts = line.rsplit(None, 1)
-                if len(parts) == 2:
-                    try:
-                        label = int(parts[1])
-                        item = parts[0]
-                    except ValueError:
-                        pass
-                p = Path(item).expanduser()
-                self.samples.append((str(p if p.is_absolute() else base / p), label))
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                lines = f.readlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"key 'data.root': list file '{self.root}' cannot be read as text ({exc}); "
+                            "data.dataset=filelist needs one image path per line") from None
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            item, label = line, -1
+            parts = line.rsplit(None, 1)
+            if len(parts) == 2:
+                try:
+                    label = int(parts[1])
+                    item = parts[0]
+                except ValueError:
+                    pass
+            p = Path(item).expanduser()
+            self.samples.append((str(p if p.is_absolute() else base / p), label))
         if not self.samples:
-            raise ValueError(f"FileListDataset: list file '{self.root}' lists no images")
+            raise DataError(f"key 'data.root': list file '{self.root}' lists no images (one path per line)")
         self.targets: List[int] = [t for _, t in self.samples]
 
 
@@ -274,3 +357,82 @@ class TransformedDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         item = self.source[index]
         return self.transform(item.image), item.label
+
+
+# --------------------------------------------------------------------------- the registered datasets
+
+
+def require_root(cfg: Any, kind: str, root: Optional[str] = None, key: str = "data.root") -> Path:
+    """``data.root`` (or ``root``) as an existing path, else a one-line error naming ``key``."""
+    root = cfg.data.root if root is None else root
+    if not root:
+        raise ConfigError(f"key '{key}': empty, but data.dataset={cfg.data.dataset!r} needs a {kind}")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise ConfigError(f"key '{key}': '{root}' does not exist (data.dataset={cfg.data.dataset!r} needs a {kind})")
+    return path
+
+
+def _train_dir(cfg: Any, kind: str) -> Path:
+    root = require_root(cfg, kind)
+    if not root.is_dir():
+        raise DataError(f"key 'data.root': '{root}' is not a directory (data.dataset={cfg.data.dataset!r})")
+    return root / "train" if (root / "train").is_dir() else root
+
+
+def _labelled_split(cfg: Any, root: Path, split: str) -> "_PathSamples":
+    ds = FolderDataset(root / split)
+    if not ds.classes:
+        raise DataError(f"key 'data.eval_root': '{root / split}' has images outside class subfolders; "
+                        "evaluation needs labelled images as <root>/{train,val}/<class>/<image>")
+    return ds
+
+
+@register_dataset("folder")
+class _Folder:
+    """Every image under `data.root`, recursively (any format Pillow opens); unlabelled is fine. With class subfolders their names are the labels (evaluation); a `train/` subfolder, if any, is what trains."""
+
+    @staticmethod
+    def build(cfg: Any) -> Dataset:
+        return FolderDataset(_train_dir(cfg, "folder of images"))
+
+    eval_split = staticmethod(_labelled_split)
+
+
+@register_dataset("imagefolder")
+class _ImageFolder:
+    """ImageNet layout: `data.root/<class>/**/<image>` (or `data.root/train/<class>/...`); a root without class subfolders is an error naming `data.dataset=folder`."""
+
+    @staticmethod
+    def build(cfg: Any) -> Dataset:
+        return ImageFolderDataset(_train_dir(cfg, "folder in ImageNet layout"))
+
+    @staticmethod
+    def eval_split(cfg: Any, root: Path, split: str) -> Dataset:
+        return ImageFolderDataset(root / split)
+
+
+@register_dataset("filelist")
+class _FileList:
+    """A text file at `data.root` listing one image per line (`path` or `path label`); relative paths are read from the file's folder."""
+
+    @staticmethod
+    def build(cfg: Any) -> Dataset:
+        root = require_root(cfg, "text file listing one image per line")
+        if not root.is_file():
+            raise DataError(f"key 'data.root': '{root}' is not a file (data.dataset='filelist' needs a text file "
+                            "listing one image per line)")
+        return FileListDataset(root)
+
+
+@register_dataset("digits")
+class _Digits:
+    """scikit-learn's 1,797 handwritten digits, upscaled to `data.digits_size` (the demo; no download, no `data.root`)."""
+
+    @staticmethod
+    def build(cfg: Any) -> Dataset:
+        return DigitsDataset("train", cfg.data.digits_size)
+
+    @staticmethod
+    def eval_split(cfg: Any, root: Any, split: str) -> Dataset:
+        return DigitsDataset(split, cfg.data.digits_size)

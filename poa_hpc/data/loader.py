@@ -25,18 +25,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from poa_hpc.config import POAConfig
-from poa_hpc.errors import ConfigError
+from poa_hpc.errors import ConfigError, DataError
 
 from .collate import MultiCropCollator, build_collator
-from .datasets import DigitsDataset, FileListDataset, ImageFolderDataset, RobustDataset, TransformedDataset
+from .datasets import RobustDataset, TransformedDataset, require_root
+from .registry import get_dataset
+from .samplers import SampleKey, StepBatchSampler, compute_iters_per_epoch
 from .transforms import EvalTransform, build_multicrop, build_view_specs, derive_seed, seeded_rng
+
+if TYPE_CHECKING:  # pragma: no cover
+    from poa_hpc.config import POAConfig
 
 __all__ = [
     "SampleKey",
@@ -47,108 +50,13 @@ __all__ = [
     "build_train_dataset",
     "build_train_loader",
     "build_eval_datasets",
+    "check_train_data",
 ]
 
 logger = logging.getLogger(__name__)
 
-PERM_STREAM = 0x5045524D  # "PERM"
 AUG_STREAM = 0x41554721  # "AUG!"
 LOADER_STREAM = 0x4C4F4144  # "LOAD": DataLoader's own base seed (unused by our samples)
-
-
-class SampleKey(NamedTuple):
-    """What the batch sampler hands the dataset: enough to make the sample pure."""
-
-    step: int
-    rank: int
-    pos: int  # position within the global batch (rank * batch_size + position on this rank)
-    index: int  # dataset index requested (a skip may substitute the next one)
-
-
-def compute_iters_per_epoch(dataset_len: int, global_batch: int, override: int = 0) -> int:
-    """``override`` if > 0, else ``dataset_len // global_batch`` (drop_last); never 0."""
-    if override > 0:
-        return int(override)
-    iters = dataset_len // global_batch
-    if iters == 0:
-        raise ValueError(
-            f"dataset has {dataset_len} images, fewer than one global batch of {global_batch} "
-            "(optim.batch_size x world size); lower optim.batch_size or set optim.iters_per_epoch"
-        )
-    return iters
-
-
-class StepBatchSampler:
-    """Infinite batch sampler yielding ``List[SampleKey]`` for steps ``start_step, start_step + 1, ...``.
-
-    Epoch ``e`` reads positions ``0 .. iters_per_epoch * B * W - 1`` of an
-    endless concatenation of permutations seeded ``(seed, e, 0)``,
-    ``(seed, e, 1)``, ...; with the default ``iters_per_epoch = n // (B * W)``
-    only the first is used and the tail is dropped (drop_last).
-    """
-
-    def __init__(
-        self,
-        dataset_len: int,
-        batch_size: int,
-        seed: int,
-        iters_per_epoch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        start_step: int = 0,
-    ) -> None:
-        if not (0 <= rank < world_size):
-            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        if dataset_len <= 0 or batch_size <= 0 or iters_per_epoch <= 0:
-            raise ValueError(
-                f"StepBatchSampler: need positive dataset_len/batch_size/iters_per_epoch, "
-                f"got {dataset_len}/{batch_size}/{iters_per_epoch}"
-            )
-        self.n = int(dataset_len)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.iters_per_epoch = int(iters_per_epoch)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.start_step = int(start_step)
-        self._perm_cache: Dict[Tuple[int, int], np.ndarray] = {}
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world_size
-
-    def _perm(self, epoch: int, pass_: int) -> np.ndarray:
-        key = (epoch, pass_)
-        perm = self._perm_cache.get(key)
-        if perm is None:
-            if len(self._perm_cache) >= 4:  # steps advance monotonically; keep a small window
-                self._perm_cache.pop(next(iter(self._perm_cache)))
-            rng = np.random.default_rng(derive_seed(self.seed, PERM_STREAM, epoch, pass_))
-            perm = rng.permutation(self.n)
-            self._perm_cache[key] = perm
-        return perm
-
-    def indices_for_step(self, step: int) -> List[int]:
-        """Dataset indices of this rank's batch at ``step``."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        epoch, it = divmod(int(step), self.iters_per_epoch)
-        start = it * self.global_batch + self.rank * self.batch_size
-        out: List[int] = []
-        for k in range(start, start + self.batch_size):
-            pass_, offset = divmod(k, self.n)
-            out.append(int(self._perm(epoch, pass_)[offset]))
-        return out
-
-    def batch_for_step(self, step: int) -> List[SampleKey]:
-        first = self.rank * self.batch_size
-        return [SampleKey(step, self.rank, first + j, i) for j, i in enumerate(self.indices_for_step(step))]
-
-    def __iter__(self) -> Iterator[List[SampleKey]]:
-        step = self.start_step
-        while True:
-            yield self.batch_for_step(step)
-            step += 1
 
 
 class MultiCropTrainDataset(Dataset):
@@ -217,32 +125,85 @@ class TrainLoader:
             shutdown()
 
 
-def _require_root(cfg: POAConfig, kind: str) -> Path:
-    root = cfg.data.root
-    if not root:
-        raise ConfigError(f"key 'data.root': empty, but data.dataset={cfg.data.dataset!r} needs a {kind}")
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise ConfigError(f"key 'data.root': '{root}' does not exist (data.dataset={cfg.data.dataset!r} needs a {kind})")
-    return path
-
-
 def build_train_dataset(cfg: POAConfig) -> Dataset:
-    """The raw ``(PIL image, label)`` training source chosen by ``cfg.data.dataset``."""
-    kind = cfg.data.dataset
-    if kind == "digits":
-        return DigitsDataset("train", cfg.data.digits_size)
-    if kind == "imagefolder":
-        root = _require_root(cfg, "folder in ImageNet layout")
-        if not root.is_dir():
-            raise ConfigError(f"key 'data.root': '{root}' is not a directory")
-        return ImageFolderDataset(root / "train" if (root / "train").is_dir() else root)
-    if kind == "filelist":
-        root = _require_root(cfg, "text file listing one image per line")
-        if not root.is_file():
-            raise ConfigError(f"key 'data.root': '{root}' is not a file (data.dataset='filelist')")
-        return FileListDataset(root)
-    raise ConfigError(f"key 'data.dataset': unknown dataset {kind!r}")
+    """The raw ``(PIL image, label)`` training source of the registered dataset ``cfg.data.dataset``."""
+    return get_dataset(cfg.data.dataset).build(cfg)
+
+
+def check_train_data(cfg: POAConfig, world_size: int = 1, dataset: Optional[Dataset] = None) -> Dataset:
+    """Every check on the user's data that can fail before training, as one-line :class:`DataError` s.
+
+    Builds the dataset (root exists, has images, the shard index is readable and
+    every shard has the size and hash it was packed with) and checks that one
+    global batch fits in it; returns the dataset for :func:`build_train_loader`.
+    Call it before the process group exists: a data problem then ends every rank
+    at once with exit code 2 (not requeued) instead of one rank crashing.
+    """
+    _check_data_keys(cfg)
+    raw = dataset if dataset is not None else build_train_dataset(cfg)
+    compute_iters_per_epoch(len(raw), cfg.optim.batch_size * world_size, cfg.optim.iters_per_epoch)  # type: ignore[arg-type]
+    if cfg.data.loader != "torch" and not hasattr(raw, "read_bytes"):
+        raise ConfigError(
+            f"key 'data.loader': {cfg.data.loader!r} decodes encoded images, but data.dataset={cfg.data.dataset!r} "
+            "holds its images in memory; use data.loader=torch for it"
+        )
+    _check_decodable(raw)
+    return raw
+
+
+def _check_data_keys(cfg: POAConfig) -> None:
+    d = cfg.data
+    for key in ("global_size", "local_size"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"key 'data.{key}': {getattr(d, key)} must be >= 1 pixel")
+    for key in ("n_local", "num_workers"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"key 'data.{key}': {getattr(d, key)} must be >= 0")
+    for kind in ("global", "local"):
+        lo, hi = getattr(d, f"{kind}_scale_min"), getattr(d, f"{kind}_scale_max")
+        if not (0 < lo <= hi <= 1):
+            raise ConfigError(f"key 'data.{kind}_scale_min': the crop scales ({lo}, {hi}) must satisfy "
+                              f"0 < data.{kind}_scale_min <= data.{kind}_scale_max <= 1")
+
+
+def _check_decodable(raw: Dataset, n: int = 16) -> None:
+    """At least one of ``n`` images spread over the dataset decodes (stops at the first that does).
+
+    Single unreadable images are skipped during training; a dataset of which none
+    decodes (files with image extensions that are not images, a wrong format)
+    would only skip until :class:`RobustDataset` gives up mid-run, so it is an
+    error here, before training.
+    """
+    describe = getattr(raw, "describe", None)
+    if describe is None:  # in-memory datasets (digits)
+        return
+    size = len(raw)  # type: ignore[arg-type]
+    picks = sorted({int(i) for i in torch.linspace(0, size - 1, min(n, size)).round().tolist()})
+    failures = []
+    for i in picks:
+        try:
+            raw[i]
+            return
+        except Exception as exc:  # any decode/IO failure
+            failures.append((describe(i), f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+    name, why = failures[0]
+    raise DataError(
+        f"key 'data.root': none of {len(picks)} images sampled across '{getattr(raw, 'root', '?')}' could be decoded "
+        f"(e.g. {name}: {why}); point data.root at readable images (`poa data pack` lists and skips unreadable ones)"
+    )
+
+
+class _Described:
+    """The names of a dataset's items, as a sequence (what the DALI loader reports a bad file by)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> str:
+        return self.dataset.describe(index)
 
 
 def _build_dali_loader(
@@ -256,15 +217,9 @@ def _build_dali_loader(
             f"key 'data.loader': {kind!r} needs NVIDIA DALI, which is not installed "
             "(pip install nvidia-dali-cuda120; its CPU backend also runs without a GPU)"
         )
-    samples = getattr(dataset, "samples", None)
-    if samples is None:
-        raise ConfigError(
-            f"key 'data.loader': {kind!r} decodes image files, but data.dataset={cfg.data.dataset!r} "
-            "holds its images in memory; use data.loader=torch for it"
-        )
     loader = DaliMultiCropLoader(
-        [p for p, _ in samples],
-        [int(t) for _, t in samples],
+        _Described(dataset),
+        dataset.labels,  # type: ignore[attr-defined]
         sampler,
         build_view_specs(cfg),
         build_collator(cfg, global_batch=global_batch),
@@ -272,10 +227,11 @@ def _build_dali_loader(
         device="gpu" if kind == "dali" else "cpu",
         num_threads=max(1, int(cfg.data.num_workers)),
         root=str(getattr(dataset, "root", "")),
+        read=dataset.read_bytes,  # type: ignore[attr-defined]
     )
     logger.info(
         "train data (DALI %s): %s, %d images, global batch %d, %d iters/epoch, start step %d, %d threads",
-        "GPU" if kind == "dali" else "CPU", getattr(dataset, "root", "?"), len(samples), global_batch,
+        "GPU" if kind == "dali" else "CPU", getattr(dataset, "root", "?"), len(dataset), global_batch,  # type: ignore[arg-type]
         sampler.iters_per_epoch, sampler.start_step, loader.num_threads,
     )
     return loader
@@ -297,7 +253,7 @@ def build_train_loader(
     DALI one (:class:`poa_hpc.data.dali.DaliMultiCropLoader`, GPU or CPU backend);
     both yield the same batch keys.
     """
-    raw = dataset if dataset is not None else build_train_dataset(cfg)
+    raw = check_train_data(cfg, world_size, dataset)
     global_batch = cfg.optim.batch_size * world_size
     iters = compute_iters_per_epoch(len(raw), global_batch, cfg.optim.iters_per_epoch)  # type: ignore[arg-type]
     sampler = StepBatchSampler(
@@ -336,37 +292,42 @@ def build_train_loader(
 def build_eval_datasets(cfg: POAConfig) -> Tuple[Dataset, Dataset, int]:
     """``(train, val, num_classes)`` of ``(tensor, label)`` for k-NN evaluation.
 
-    digits: the fixed 80/20 split at ``data.digits_size`` (eval size = digits
-    size); imagefolder: ``root/train`` and ``root/val`` at ``eval.image_size``.
+    With ``data.eval_root``: ``eval_root/train`` and ``eval_root/val`` with class
+    subfolders (ImageNet layout), whatever ``data.dataset`` trains on.  Without:
+    the registered dataset's own labelled splits (digits: the fixed 80/20 split at
+    ``data.digits_size``; imagefolder and folder: ``root/train`` and ``root/val``),
+    at ``eval.image_size``.
     """
     kind = cfg.data.dataset
-    if kind == "digits":
-        size = cfg.data.digits_size
-        tf = EvalTransform(size)
-        return (
-            TransformedDataset(DigitsDataset("train", size), tf),
-            TransformedDataset(DigitsDataset("val", size), tf),
-            10,
+    spec = get_dataset(kind)
+    if cfg.data.eval_root:
+        root = require_root(cfg, "labelled folder with train/ and val/ class subfolders", cfg.data.eval_root,
+                            key="data.eval_root")
+        split, key = get_dataset("folder").eval_split, "data.eval_root"
+    elif spec.eval_split is not None:
+        root, split, key = (None if kind == "digits" else require_root(cfg, "folder with train/ and val/ subfolders"),
+                            spec.eval_split, "data.root")
+    else:
+        raise ConfigError(
+            f"key 'data.eval_root': k-NN evaluation needs labelled train/val splits, which data.dataset={kind!r} "
+            "does not provide; set data.eval_root to a folder with train/<class>/ and val/<class>/ images"
         )
-    if kind == "imagefolder":
-        root = _require_root(cfg, "folder with train/ and val/ subfolders")
-        missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-        if missing:
-            raise ConfigError(
-                f"key 'data.root': k-NN evaluation needs '{root}/train' and '{root}/val'; missing {missing}"
-            )
-        train, val = ImageFolderDataset(root / "train"), ImageFolderDataset(root / "val")
-        if val.classes != train.classes:
-            extra = sorted(set(val.classes) - set(train.classes))
-            if extra:
-                raise ValueError(f"'{root}/val' has classes absent from '{root}/train': {extra[:5]}")
-            # val lacks some classes: re-index its labels onto the train class list
-            val.samples = [(p, train.class_to_idx[val.classes[t]]) for p, t in val.samples]
-            val.targets = [t for _, t in val.samples]
-            val.classes, val.class_to_idx = train.classes, train.class_to_idx
-        tf = EvalTransform(cfg.eval.image_size)
-        return TransformedDataset(train, tf), TransformedDataset(val, tf), len(train.classes)
-    raise ConfigError(
-        f"key 'data.dataset': k-NN evaluation needs labelled train/val splits, which {kind!r} does not provide "
-        "(use 'imagefolder' with root/train and root/val, or 'digits')"
-    )
+    if root is None:  # digits
+        size = cfg.data.digits_size
+        train, val = split(cfg, None, "train"), split(cfg, None, "val")
+        tf = EvalTransform(size)
+        return TransformedDataset(train, tf), TransformedDataset(val, tf), 10
+    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        raise DataError(f"key '{key}': k-NN evaluation needs '{root}/train' and '{root}/val'; missing {missing}")
+    train, val = split(cfg, root, "train"), split(cfg, root, "val")
+    if val.classes != train.classes:
+        extra = sorted(set(val.classes) - set(train.classes))
+        if extra:
+            raise DataError(f"key '{key}': '{root}/val' has classes absent from '{root}/train': {extra[:5]}")
+        # val lacks some classes: re-index its labels onto the train class list
+        val.samples = [(p, train.class_to_idx[val.classes[t]]) for p, t in val.samples]
+        val.targets = [t for _, t in val.samples]
+        val.classes, val.class_to_idx = train.classes, train.class_to_idx
+    tf = EvalTransform(cfg.eval.image_size)
+    return TransformedDataset(train, tf), TransformedDataset(val, tf), len(train.classes)

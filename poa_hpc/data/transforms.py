@@ -45,11 +45,19 @@ IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, CMYK, RGBA, P, I;16, ...) to RGB.
 
+    16-bit and 32-bit integer or float images are scaled to 8 bits (``I;16``:
+    by 255/65535; ``I``/``F``: the same when a value exceeds 255, else as is),
+    where Pillow's own conversion would clip them to white.
+
     Palette images with a transparency entry go through RGBA first; Pillow warns
     when converting them straight to RGB.
     """
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I") or img.mode == "F":  # 16-bit and float scans: scale to 8 bits, not clip
+        a = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(np.round(a * (255.0 / peak)), 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")

@@ -269,7 +269,7 @@ def run_sweep(
     dims = [spec.feature_dim(arch, s.width) for s in subnets]
     n_img, n_sub = len(train) + len(val), len(subnets)
     feat_gb = sum(n_img * 2 * d * 4 for d in dims) / 1024 ** 3
-    log(f"sweep: {n_img:,} images ({len(train):,} train + {len(val):,} val, {cfg.data.dataset} at {img_size} px) x "
+    log(f"sweep: {n_img:,} images ({len(train):,} train + {len(val):,} val, {cfg.data.eval_root or cfg.data.dataset} at {img_size} px) x "
         f"{n_sub} sub-networks = {n_img * n_sub:,} forward passes (~{n_img * sum(costs):,.0f} GFLOPs); "
         f"features {feat_gb:.2f} GB; on {device}")
 
@@ -299,7 +299,8 @@ def run_sweep(
     if out_dir is not None:
         provenance = {
             "checkpoint": source, "step": step, "family": family, "model": dataclasses.asdict(arch),
-            "dataset": {"name": cfg.data.dataset, "root": cfg.data.root if cfg.data.dataset != "digits" else "",
+            "dataset": {"name": "folder" if cfg.data.eval_root else cfg.data.dataset,
+                        "root": cfg.data.eval_root or (cfg.data.root if cfg.data.dataset != "digits" else ""),
                         "image_size": img_size, "num_classes": num_classes, "n_train": len(train),
                         "n_train_total": n_train_total, "n_val": len(val), "train_per_class": train_per_class or None},
             "knn": {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,

@@ -28,7 +28,7 @@ import torch
 from poa_hpc.checkpoint.layout import LAST, point_last, set_aside, step_file
 from poa_hpc.config import POAConfig, flatten, to_dict, to_yaml
 from poa_hpc.checkpoint.manifest import verify_manifest
-from poa_hpc.data.loader import build_train_loader
+from poa_hpc.data.loader import build_train_loader, check_train_data
 from poa_hpc.distributed.engines import build_engine
 from poa_hpc.distributed.env import (
     all_reduce_mean,
@@ -197,6 +197,15 @@ def resume_newest(engine, ckpt_dir: Path, cfg: POAConfig, ctx) -> Optional[dict]
     raise ResumeError(f"no readable checkpoint in '{ckpt_dir}': " + "; ".join(p for _, p in skipped))
 
 
+def _launch_world_size() -> int:
+    """The world size of this launch (torchrun's or srun's variables), before the process group exists."""
+    import os
+
+    from poa_hpc.distributed.env import slurm_launch_env
+
+    return int(os.environ.get("WORLD_SIZE") or (slurm_launch_env() or {}).get("WORLD_SIZE", 1))
+
+
 def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = None,
           on_stop: Optional[OnStop] = None, on_step: Optional[StepHook] = None) -> Dict[str, object]:
     """Train POA in this process (one rank of a torchrun/Slurm job, or alone); returns a summary.
@@ -213,9 +222,12 @@ def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = No
     change the model.
     """
     check_train_keys(cfg)
+    # The user's data is checked before the process group exists: a bad root, index or shard ends every rank
+    # with the same one-line error (exit code 2, not requeued), not one rank crashing while the others wait.
+    dataset = check_train_data(cfg, world_size=_launch_world_size())
     ctx = init_distributed(cfg.train.device, cfg.dist.timeout_s, Path(cfg.train.output_dir) / "status")
     try:
-        summary = _train(cfg, resume, ctx, stop, on_stop, on_step)
+        summary = _train(cfg, resume, ctx, stop, on_stop, on_step, dataset)
     except BaseException:
         if ctx.distributed:  # no barrier: the other ranks may be gone
             torch.distributed.destroy_process_group()
@@ -227,7 +239,7 @@ def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = No
 
 def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None,
            on_stop: Optional[OnStop] = None,
-           on_step: Optional[StepHook] = None) -> Dict[str, object]:
+           on_step: Optional[StepHook] = None, dataset=None) -> Dict[str, object]:
     device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -257,7 +269,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                         "continue a run)", ckpt_dir, moved)
         barrier()
 
-    loader, iters_per_epoch = build_train_loader(cfg, rank=rank, world_size=world_size, start_step=start_step)
+    loader, iters_per_epoch = build_train_loader(cfg, rank=rank, world_size=world_size, start_step=start_step,
+                                                 dataset=dataset)
     total = cfg.optim.epochs * iters_per_epoch
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
     sched = build_schedules(cfg, iters_per_epoch, world_size)
