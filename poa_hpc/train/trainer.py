@@ -30,6 +30,7 @@ from poa_hpc.data.loader import build_train_loader
 from poa_hpc.distributed.engines import build_engine
 from poa_hpc.distributed.env import all_reduce_mean, barrier, broadcast_object, gather_objects, init_distributed, shutdown
 from poa_hpc.errors import NonFiniteLossError, ResumeError
+from poa_hpc.models.init_from import init_backbones
 from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
@@ -227,6 +228,9 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
 
     model = build_model(cfg).to(device)
     engine = build_engine(cfg.dist, ctx, cfg.train.amp, cfg.optim.clip_grad, cfg.optim.batch_size)
+    # Resume wins over init: a requeued run continues from its own checkpoint and never re-reads init_from.
+    if cfg.model.init_from and not (resume and broadcast_object(engine.checkpoint_steps(ckpt_dir))):
+        init_from_file(model, cfg, out_dir if ctx.is_main else None)
     optimizer = engine.setup(model, lambda named: build_optimizer(named, cfg))
     start_step = 0
     saved_watchdog = None
@@ -378,6 +382,22 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
         log.warning("%d unreadable images were skipped and replaced during training", skipped)
     return {"step": end, "checkpoint": str(ckpt_dir / LAST), "metrics": last_record, "skipped_images": skipped,
             "rank": rank, "world_size": world_size, "interrupted": interrupted}
+
+
+def init_from_file(model: POA, cfg: POAConfig, out_dir: Optional[Path]) -> Dict[str, object]:
+    """``model.init_from``: the dense checkpoint into the intact student and the teacher (every rank, before
+    the engine wraps the model); the report is logged and written to ``init_report.json`` (main rank)."""
+    m = cfg.model
+    report = init_backbones(m.init_from, m.init_from_format, m.arch, m.section,
+                            [model.student.backbone, model.teacher.backbone],
+                            [model.student.heads, model.teacher.heads], m.init_heads)
+    if out_dir is not None:
+        log.info(report.summary())
+        try:
+            (out_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        except OSError as exc:
+            raise OutputWriteError(f"the run folder '{out_dir}' could not be written: {exc}") from None
+    return report.to_dict()
 
 
 def _signal_name(stop: Optional[StopRequest], mean_signal: float) -> str:
