@@ -162,7 +162,8 @@ def detect_format(obj: Dict[str, Any], meta: Dict[str, str]) -> str:
     if isinstance(obj.get("model"), dict) and "config" in obj and any(
             k.startswith("teacher.backbone.") for k in obj["model"]):
         return "poa"
-    if isinstance(obj.get("teacher"), dict):
+    if isinstance(obj.get("teacher"), dict) or (isinstance(obj.get("model"), dict) and any(
+            k.startswith("teacher.backbone.") for k in obj["model"])):
         return "authors"
     flat = _strip(_unwrap(obj), ("module.", "_orig_mod.", "backbone."))
     if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in flat) or "register_tokens" in flat or any(
@@ -268,25 +269,38 @@ def _convert_dinov2(flat, path) -> Converted:
     return Converted("dinov2", "vit", out)
 
 
-# The authors' teacher (alipay/POA, ``SSLMetaArch.teacher``): ``backbone`` (their DINOv2-derived
-# elastic ViT, Swin or ResNet, whose parameter names are DINOv2's / timm's) and ``dino_head`` (their
-# MDINOHead: one head per prototype count; not the layout of poa_hpc's heads, so never loaded).
+# The authors' teacher (alipay/POA, ``SSLMetaArch.teacher``; ``teacher_checkpoint.pth`` holds
+# ``{"teacher": teacher.state_dict()}``, their full checkpoints ``{"model": {"teacher.*", "student.*"}}``):
+# ``backbone`` is their elastic ``DinoVisionTransformer``, whose names are DINOv2's except that
+# ``DynamicLinear`` wraps an ``nn.Linear`` as ``.linear`` and ``DynamicLayerNorm`` an ``nn.LayerNorm`` as
+# ``.norm`` (``blocks.0.attn.qkv.linear.weight``, ``blocks.0.norm1.norm.weight``, ``norm.norm.weight``);
+# the qkv weight is 3 row blocks of q, k, v as timm's.  ``dino_head`` / ``ibot_head`` (their MDINOHead)
+# is not the layout of poa_hpc's heads and is never loaded.  Their Swin (mmcv-style stages, an Unfold
+# patch merging whose channel order differs from timm's) and ResNet are not mapped: refused.
+def _authors_name(k: str) -> str:
+    k = re.sub(r"\.linear\.(weight|bias)$", r".\1", k)
+    return re.sub(r"(^|\.)(norm\d?)\.norm\.(weight|bias)$", r"\1\2.\3", k)
+
+
 def _convert_authors(obj, path) -> Converted:
-    teacher = obj["teacher"] if isinstance(obj.get("teacher"), dict) else _unwrap(obj)
-    teacher = _tensors(teacher)
-    backbone = _tensors(teacher, "backbone.")
+    if isinstance(obj.get("teacher"), dict):
+        teacher = _tensors(obj["teacher"])
+    else:
+        teacher = _tensors(obj.get("model") or {}, "teacher.")
+    backbone = _strip(_tensors(teacher, "backbone."), ("module.",))
     if not backbone:
         raise ConfigError(f"key '{KEY}': '{path}' (format authors) has no teacher 'backbone.*' tensors "
                           f"(keys such as {list(teacher)[:3]})")
-    backbone = _strip(backbone, ("module.",))
     flat = {}
     for k, v in backbone.items():
         m = re.match(r"blocks\.(\d+)\.(\d+)\.(.*)", k)
-        flat[f"blocks.{m.group(2)}.{m.group(3)}" if m else k] = v
-    family = _family_or_error(flat, "authors", path)
+        flat[_authors_name(f"blocks.{m.group(2)}.{m.group(3)}" if m else k)] = v
+    if family_of(flat) != "vit":
+        raise ConfigError(f"key '{KEY}': '{path}' (format authors) is not the authors' ViT; their Swin and ResNet "
+                          f"checkpoints are not mapped (keys such as {list(backbone)[:3]})")
     _refuse_common(flat, "authors", path)
     unused = [k for k in teacher if not k.startswith("backbone.")]
-    return Converted("authors", family, flat, None, None, unused)
+    return Converted("authors", "vit", flat, None, None, unused)
 
 
 # ---------------------------------------------------------------------------- mapping
