@@ -329,3 +329,63 @@ def test_requeued_run_with_init_from_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # ... and a fresh run (no --resume) with the garbage file does read it: exit 2
     assert main(args(tmp_path / "new")) == 2
+
+
+# ---------------------------------------------------------------- model.swin.init
+def test_swin_init_authors_is_pytorch_default_with_zero_tables():
+    """authors: PyTorch's Linear default U(-1/sqrt(in), 1/sqrt(in)) for weights and biases (std 1/sqrt(3 in)),
+    zero relative-position tables (their DynamicSwinTransformer calls no init); timm: trunc_normal(0.02),
+    zero biases, trunc_normal tables."""
+    for init in ("authors", "timm"):
+        cfg = cfg_of("swin", "model.swin.embed_dim=64", "model.swin.min_width=32", "model.swin.width_step=16",
+                     f"model.swin.init={init}")
+        b = fresh(cfg).student.backbone
+        tables = [m.relative_position_bias_table for m in b.modules() if hasattr(m, "relative_position_bias_table")]
+        linears = [m for m in b.modules() if isinstance(m, torch.nn.Linear)]
+        qkv = b.layers[2].blocks[0].attn.qkv  # 256 inputs
+        if init == "authors":
+            assert all(torch.count_nonzero(t) == 0 for t in tables)
+            for m in linears:
+                bound = 1 / m.in_features ** 0.5
+                assert m.weight.abs().max() <= bound and (m.bias is None or m.bias.abs().max() <= bound)
+            assert qkv.weight.std().item() == pytest.approx(1 / (3 * 256) ** 0.5, rel=0.05)
+            assert qkv.bias.abs().max() > 0
+        else:
+            assert all(t.std().item() == pytest.approx(0.02, rel=0.2) for t in tables)
+            assert qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+            assert all(m.bias is None or torch.count_nonzero(m.bias) == 0 for m in linears)
+
+
+def test_swin_init_bad_value_is_one_line(tmp_path, capsys):
+    assert _train(tmp_path, "model.swin.init=kaiming", family="swin") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.swin.init" in err[0]
+
+
+# ---------------------------------------------------------------- patch 14 end to end, the recipe
+def test_patch14_run_from_a_dinov2_file_end_to_end(tmp_path):
+    """`poa train` with model.vit.patch_size=14 from a DINOv2 release file of another grid: two steps,
+    then its checkpoint's teacher started from the file (the report in the run folder)."""
+    sd = release_state(perturb(dinov2_timm(img_size=70)))
+    path = tmp_path / "d.pth"
+    torch.save(sd, path)
+    assert _train(tmp_path, *DINO, f"model.init_from={path}", "train.max_steps=2", "head.prototypes=[32]") == 0
+    report = json.loads((tmp_path / "r" / "init_report.json").read_text())
+    assert report["format"] == "dinov2" and report["resized"]["pos_embed"] == [[1, 26, 32], [1, 17, 32]]
+
+
+def test_vit_l14_recipe_takes_dinov2_vitl14_and_vitb14_shapes():
+    """configs/vit_l14_from_dinov2.yaml against timm's DINOv2 ViT-L/14 and ViT-B/14 shapes (meta tensors, no
+    weights): L is the intact network (518 px embedding resized to 224 px), B its 768x12 sub-network."""
+    from poa_hpc.models import init_from as I
+
+    cfg = load_config("configs/vit_l14_from_dinov2.yaml")
+    spec, arch = get_backbone("vit"), cfg.model.vit
+    with torch.device("meta"):
+        elastic = {k: v for k, v in spec.build(arch, drop_path_rate=0.0).state_dict().items()}
+        for name, want in (("vit_large_patch14_dinov2", Subnet(1024, 24)), ("vit_base_patch14_dinov2", Subnet(768, 12))):
+            state = dict(timm.create_model(name, pretrained=False, num_classes=0).state_dict())
+            assert state["pos_embed"].shape[1] == 1 + 37 * 37
+            state["pos_embed"] = torch.empty(1, 1 + 16 * 16, state["pos_embed"].shape[-1])  # after the resize
+            assert I._find_subnet(spec, arch, elastic, state)[0] == want
+    assert cfg.model.init_from.endswith("dinov2_vitl14_pretrain.pth") and arch.patch_size == 14
