@@ -389,3 +389,28 @@ def test_vit_l14_recipe_takes_dinov2_vitl14_and_vitb14_shapes():
             state["pos_embed"] = torch.empty(1, 1 + 16 * 16, state["pos_embed"].shape[-1])  # after the resize
             assert I._find_subnet(spec, arch, elastic, state)[0] == want
     assert cfg.model.init_from.endswith("dinov2_vitl14_pretrain.pth") and arch.patch_size == 14
+
+
+# ---------------------------------------------------------------- poa bench demo: init_from_recipe
+@pytest.mark.slow  # two tiny trainings and their k-NN evaluations (~15 s idle)
+def test_bench_demo_recipe_starts_from_another_recipes_intact_teacher(tmp_path, capsys):
+    from poa_hpc.config import to_yaml
+
+    base = tiny("vit") + ["data.n_local=0", "data.num_workers=0", "optim.batch_size=16", "optim.iters_per_epoch=2",
+                          "optim.epochs=1", "optim.warmup_epochs=1", "train.log_every=1"]
+    (tmp_path / "base.yaml").write_text(to_yaml(load_config("configs/demo_cpu.yaml", base)))
+    recipes = tmp_path / "r.yaml"
+    recipes.write_text("_base: base.yaml\ndense:\n  overrides: [loss.lam=1.0]\n"
+                       "init:\n  overrides: []\n  init_from_recipe: dense\n")
+    assert main(["bench", "demo", "--recipe-file", str(recipes), "--workdir", str(tmp_path / "w"), "--out", ""]) == 0
+    report = json.loads((tmp_path / "w" / "init" / "init_report.json").read_text())
+    assert report["format"] == "poa" and report["intact"] and report["path"].endswith("dense/intact.safetensors")
+    row = json.loads((tmp_path / "w" / "init" / "bench_row.json").read_text())
+    assert row["config"]["model.init_from"] == report["path"]
+    dense, _ = load_subnet(report["path"])
+    from poa_hpc.cli import _load_teacher
+
+    _, teacher, _ = _load_teacher(str(tmp_path / "w" / "dense" / "checkpoints" / "last.pt"), "teacher")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), teacher(x), rtol=1e-5, atol=1e-5)
