@@ -230,7 +230,7 @@ def _convert_poa(obj, meta, path) -> Converted:
     backbone = _tensors(state, "teacher.backbone.")
     if not backbone:
         raise ConfigError(f"key '{KEY}': '{path}' (format poa) has no teacher.backbone tensors")
-    unused = [k for k in state if not k.startswith("teacher.")]
+    unused = sorted({"student.*" if k.startswith("student.") else k for k in state if not k.startswith("teacher.")})
     return Converted("poa", family, backbone, _tensors(state, "teacher.heads.") or None, None, unused)
 
 
@@ -299,7 +299,7 @@ def _convert_authors(obj, path) -> Converted:
         raise ConfigError(f"key '{KEY}': '{path}' (format authors) is not the authors' ViT; their Swin and ResNet "
                           f"checkpoints are not mapped (keys such as {list(backbone)[:3]})")
     _refuse_common(flat, "authors", path)
-    unused = [k for k in teacher if not k.startswith("backbone.")]
+    unused = sorted(k for k in teacher if not k.startswith("backbone."))
     return Converted("authors", "vit", flat, None, None, unused)
 
 
