@@ -137,8 +137,10 @@ def test_poa_full_checkpoint_teacher_and_heads(tmp_path):
     assert r["heads"].startswith("fresh") and r["unused"] == ["heads.*", "student.*"]
     assert all(torch.equal(v, model.teacher.heads.state_dict()[k]) for k, v in heads_before.items())
     model = fresh(cfg)
-    r = init_from_file(model, _with(cfg, path, heads=True), None)
-    assert r["heads"] == "loaded"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(path.read_bytes())
+    r = init_from_file(model, _with(cfg, tmp_path / "run", heads=True), None)  # a run folder: its last.pt
+    assert r["heads"] == "loaded" and r["path"].endswith("last.pt")
     for branch in (model.teacher, model.student):
         for k, v in src.teacher.state_dict().items():
             assert torch.equal(branch.state_dict()[k], v), k

@@ -35,7 +35,7 @@ from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
 from poa_hpc.perf.timing import StepTimer
-from poa_hpc.train.checkpoint import LAST, LEGACY_STEP, OutputWriteError, point_last, set_aside, step_file
+from poa_hpc.train.checkpoint import LAST, LEGACY_STEP, OutputWriteError, point_last, resolve, set_aside, step_file
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.schedules import build_schedules, phase_steps
@@ -385,10 +385,12 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
 
 
 def init_from_file(model: POA, cfg: POAConfig, out_dir: Optional[Path]) -> Dict[str, object]:
-    """``model.init_from``: the dense checkpoint into the intact student and the teacher (every rank, before
+    """``model.init_from`` (a file, or a poa_hpc run folder / its ``checkpoints/``: the newest checkpoint): the
+    dense checkpoint into the intact student and the teacher (every rank, before
     the engine wraps the model); the report is logged and written to ``init_report.json`` (main rank)."""
     m = cfg.model
-    report = init_backbones(m.init_from, m.init_from_format, m.arch, m.section,
+    path = resolve(m.init_from)  # a run folder or its checkpoints/ folder: its last.pt
+    report = init_backbones(path, m.init_from_format, m.arch, m.section,
                             [model.student.backbone, model.teacher.backbone],
                             [model.student.heads, model.teacher.heads], m.init_heads)
     if out_dir is not None:
