@@ -47,13 +47,17 @@ log = logging.getLogger("poa_hpc.train")
 
 # Keys that must not change across a resume: they define the parameters or the sampled sequence.
 _RESUME_FIXED = ("model.", "head.", "train.seed")
+# ... except the keys that only choose the initial weights: a resume never re-initialises (and checkpoints
+# written before these keys existed stay resumable).
+_RESUME_FREE = ("model.init_from", "model.init_from_format", "model.init_heads", "model.swin.init")
 
 
 def check_resumable(saved_cfg: dict, cfg: POAConfig, path: Path) -> None:
     saved, now = flatten(saved_cfg), flatten(to_dict(cfg))
     # The sections of the families this run does not build do not matter.
     idle = tuple(f"model.{name}." for name in backbone_names() if name != cfg.model.arch)
-    changed = [k for k in now if k.startswith(_RESUME_FIXED) and not k.startswith(idle) and saved.get(k) != now[k]]
+    changed = [k for k in now if k.startswith(_RESUME_FIXED) and not k.startswith(idle) and k not in _RESUME_FREE
+               and saved.get(k) != now[k]]
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:5])
         raise ResumeError(f"cannot resume from '{path}': the config changed ({detail}); "
