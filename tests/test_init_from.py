@@ -297,6 +297,15 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys):
     cases.append(([f"model.init_from={sw}"], "set model.arch=swin"))
     cases.append(([f"model.init_from={sw}", "model.init_from_format=dinov2"], "format dinov2"))
     cases.append(([f"model.init_from={sw}", "model.init_from_format=onnx"], "model.init_from_format"))
+    glu = release_state(dinov2_timm())
+    glu = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v for k, v in glu.items()}
+    torch.save(glu, tmp_path / "g.pth")
+    cases.append(([f"model.init_from={tmp_path / 'g.pth'}", *DINO], "SwiGLU"))
+    bn = timm_model(cfg_of("resnet"), norm_layer=torch.nn.BatchNorm2d)
+    cases.append(([f"model.init_from={_save(tmp_path, 'bn.safetensors', bn.state_dict())}"], "BatchNorm ResNet"))
+    torch.save({"teacher": {"backbone.stages.0.blocks.0.attn.w_msa.qkv.linear.weight": torch.zeros(3, 3)}},
+               tmp_path / "authors_swin.pth")
+    cases.append(([f"model.init_from={tmp_path / 'authors_swin.pth'}"], "not the authors' ViT"))
     for extra, needle in cases:
         assert _train(tmp_path, *extra) == 2, extra
         err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln]
