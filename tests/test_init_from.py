@@ -45,7 +45,7 @@ def perturb(module, seed=1):
 
 def timm_model(cfg, sub=None, **extra_kwargs):
     """timm's model of the (sub-)network of ``cfg``'s elastic net, random weights (perturbed), eval mode."""
-    spec, arch = get_backbone(cfg.model.arch), cfg.model.section
+    spec = get_backbone(cfg.model.arch)
     model = fresh(cfg, seed=7)
     dense, state = extract_state_dict(model.student.backbone, sub or model.intact)
     e = spec.timm_export(dense, state)
