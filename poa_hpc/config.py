@@ -38,6 +38,11 @@ def _model_config_cls() -> type:
         ("attention", str, field(default="sdpa")),  # sdpa (flash/efficient/cuDNN) | xformers | math (reference)
         # per_rank (paper): each rank draws its own elastic sub-network per step | shared: one for all
         ("rank_sampling", str, field(default="per_rank")),
+        # Start the intact student and the teacher from a dense checkpoint (docs/init_from.md): a path, or
+        # null (or empty) for a random initialisation.  Applied before step 0 of a run that does not resume.
+        ("init_from", Optional[str], field(default=None)),
+        ("init_from_format", str, field(default="auto")),  # auto | poa | timm | dinov2 | authors
+        ("init_heads", bool, field(default=False)),  # also load the file's heads when they match head.*
         *families,
     ], namespace={"section": property(lambda self: getattr(self, self.arch),
                                       doc="The config section of the selected family (model.<arch>).")})

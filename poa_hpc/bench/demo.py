@@ -157,7 +157,8 @@ def load_recipes(path: Path) -> Tuple[Dict[str, Dict[str, Any]], Optional[Path]]
     out = {}
     for name, r in data.items():
         r = r or {}
-        out[str(name)] = {"overrides": [str(o) for o in r.get("overrides", [])], "note": str(r.get("note", ""))}
+        out[str(name)] = {"overrides": [str(o) for o in r.get("overrides", [])], "note": str(r.get("note", "")),
+                          "init_from_recipe": r.get("init_from_recipe")}
     return out, base_path
 
 
@@ -178,9 +179,28 @@ def watchdog_state(ckpt_path: str) -> Dict[str, Any]:
     return meta.get("watchdog") or {}
 
 
+def intact_export(workdir: Path, recipe: str) -> Path:
+    """The intact teacher of ``recipe``'s finished run extracted as a dense file (``model.init_from`` of a
+    recipe with ``init_from_recipe: <recipe>``)."""
+    from poa_hpc.train.load import load_teacher
+    from poa_hpc.models.extract import extract_state_dict, save_subnet
+
+    ckpt = workdir / recipe / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        raise SystemExit(f"poa bench demo: init_from_recipe {recipe!r} has no finished run in {workdir / recipe}; "
+                         f"run it first (list it before)")
+    from poa_hpc.models.registry import get_backbone
+
+    cfg, teacher, _ = load_teacher(str(ckpt), "teacher")
+    sub = get_backbone(cfg.model.arch).space(cfg.model.section).intact
+    arch, state = extract_state_dict(teacher, sub)
+    return save_subnet(workdir / recipe / "intact.safetensors", cfg.model.arch, arch, state, recipe=recipe)
+
+
 def run_recipe(name: str, overrides: Sequence[str], config: Path, workdir: Path, probe_every: int,
-               note: str = "") -> Dict[str, Any]:
-    """Train one recipe from scratch and measure it; returns its row."""
+               note: str = "", init_from_recipe: Optional[str] = None) -> Dict[str, Any]:
+    """Train one recipe (from scratch, or from ``init_from_recipe``'s intact teacher) and measure it; returns
+    its row."""
     import torch
 
     from poa_hpc.config import load_config
@@ -190,6 +210,8 @@ def run_recipe(name: str, overrides: Sequence[str], config: Path, workdir: Path,
     from poa_hpc.train.trainer import train
 
     out_dir = workdir / name
+    if init_from_recipe:
+        overrides = [*overrides, f"model.init_from={intact_export(workdir, init_from_recipe)}"]
     if out_dir.exists():
         shutil.rmtree(out_dir)
     cfg = load_config(config, [*overrides, f"train.output_dir={out_dir}", "train.progress=false"])
@@ -285,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name}: reused {saved}", flush=True)
                 continue
         print(f"{name}: training ({' '.join(recipes[name]['overrides']) or 'as configured'})", flush=True)
-        row = run_recipe(name, recipes[name]["overrides"], config, workdir, args.probe_every, recipes[name]["note"])
+        row = run_recipe(name, recipes[name]["overrides"], config, workdir, args.probe_every, recipes[name]["note"],
+                         recipes[name]["init_from_recipe"])
         rows.append(row)
         print(format_rows([row]).splitlines()[-1], flush=True)
     print()

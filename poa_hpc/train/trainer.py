@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from poa_hpc.checkpoint.layout import LAST, point_last, set_aside, step_file
+from poa_hpc.checkpoint.layout import LAST, point_last, resolve, set_aside, step_file
 from poa_hpc.config import POAConfig, flatten, to_dict, to_yaml
 from poa_hpc.checkpoint.manifest import verify_manifest
 from poa_hpc.data.loader import build_train_loader, check_train_data
@@ -40,6 +40,7 @@ from poa_hpc.distributed.env import (
 )
 from poa_hpc.errors import ConfigError, NonFiniteLossError, OutputWriteError, ResumeError
 from poa_hpc.files import atomic_write_text
+from poa_hpc.models.init_from import init_backbones
 from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
@@ -55,13 +56,17 @@ log = logging.getLogger("poa_hpc.train")
 
 # Keys that must not change across a resume: they define the parameters or the sampled sequence.
 _RESUME_FIXED = ("model.", "head.", "train.seed")
+# ... except the keys that only choose the initial weights: a resume never re-initialises (and checkpoints
+# written before these keys existed stay resumable).
+_RESUME_FREE = ("model.init_from", "model.init_from_format", "model.init_heads", "model.swin.init")
 
 
 def check_resumable(saved_cfg: dict, cfg: POAConfig, path: Path) -> None:
     saved, now = flatten(saved_cfg), flatten(to_dict(cfg))
     # The sections of the families this run does not build do not matter.
     idle = tuple(f"model.{name}." for name in backbone_names() if name != cfg.model.arch)
-    changed = [k for k in now if k.startswith(_RESUME_FIXED) and not k.startswith(idle) and saved.get(k) != now[k]]
+    changed = [k for k in now if k.startswith(_RESUME_FIXED) and not k.startswith(idle) and k not in _RESUME_FREE
+               and saved.get(k) != now[k]]
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:5])
         raise ResumeError(f"cannot resume from '{path}': the config changed ({detail}); "
@@ -253,6 +258,9 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
 
     model = build_model(cfg).to(device)
     engine = build_engine(cfg.dist, ctx, cfg.train.amp, cfg.optim.clip_grad, cfg.optim.batch_size)
+    # Resume wins over init: a requeued run continues from its own checkpoint and never re-reads init_from.
+    if cfg.model.init_from and not (resume and broadcast_object(engine.checkpoint_steps(ckpt_dir))):
+        init_from_file(model, cfg, out_dir if ctx.is_main else None)
     optimizer = engine.setup(model, lambda named: build_optimizer(named, cfg))
     start_step = 0
     saved_watchdog = None
@@ -405,6 +413,24 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
         log.warning("%d unreadable images were skipped and replaced during training", skipped)
     return {"step": end, "checkpoint": str(ckpt_dir / LAST), "metrics": last_record, "skipped_images": skipped,
             "rank": rank, "world_size": world_size, "interrupted": interrupted}
+
+
+def init_from_file(model: POA, cfg: POAConfig, out_dir: Optional[Path]) -> Dict[str, object]:
+    """``model.init_from`` (a file, or a poa_hpc run folder / its ``checkpoints/``: the newest checkpoint): the
+    dense checkpoint into the intact student and the teacher (every rank, before
+    the engine wraps the model); the report is logged and written to ``init_report.json`` (main rank)."""
+    m = cfg.model
+    path = resolve(m.init_from)  # a run folder or its checkpoints/ folder: its last.pt
+    report = init_backbones(path, m.init_from_format, m.arch, m.section,
+                            [model.student.backbone, model.teacher.backbone],
+                            [model.student.heads, model.teacher.heads], m.init_heads)
+    if out_dir is not None:
+        log.info(report.summary())
+        try:
+            (out_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        except OSError as exc:
+            raise OutputWriteError(f"the run folder '{out_dir}' could not be written: {exc}") from None
+    return report.to_dict()
 
 
 def _signal_name(stop: Optional[StopRequest], mean_signal: float) -> str:

@@ -45,6 +45,8 @@ class SwinSpec(BackboneSpec):
     # ------------------------------------------------------------------ config
     def validate(self, a: SwinArch, cfg) -> None:
         k = "model.swin"
+        if a.init not in ("timm", "authors"):
+            raise ConfigError(f"key '{k}.init': {a.init!r} must be timm or authors")
         if len(a.depths) != 4 or any(d < 1 for d in a.depths):
             raise ConfigError(f"key '{k}.depths': {a.depths} must be 4 positive block counts (stage 3 is elastic)")
         for key in ("patch_size", "in_chans", "window_size", "head_dim", "embed_dim", "width_step"):

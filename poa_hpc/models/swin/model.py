@@ -88,6 +88,10 @@ class SwinArch:
     # Shifted-window flag of each stage-3 block; null: the odd blocks (the intact Swin).  Extraction
     # sets it: a sub-network's blocks keep the flags they had in the intact network.
     stage3_shift: Optional[List[bool]] = None
+    # Initialisation: timm (trunc_normal 0.02 weights, zero biases, trunc_normal 0.02 relative-position
+    # tables, as timm's Swin) | authors (their DynamicSwinTransformer calls no init: PyTorch's default
+    # Linear / Conv2d init, zero relative-position tables).  See docs/init_from.md.
+    init: str = "timm"
 
     def stage_widths(self, width: Optional[int] = None) -> List[int]:
         w = width or self.embed_dim
@@ -292,6 +296,11 @@ class ElasticSwin(ElasticBackbone):
         self.init_weights()
 
     def init_weights(self) -> None:
+        if self.arch.init == "authors":  # PyTorch's defaults (set by the layers' constructors), zero tables
+            for m in self.modules():
+                if isinstance(m, WindowAttention):
+                    nn.init.zeros_(m.relative_position_bias_table)
+            return
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
