@@ -129,6 +129,20 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = "poa_hpc"  # W&B project of the run
+    entity: str = ""  # W&B team or user ("": your default entity)
+    mode: str = "online"  # online | offline (files under <output_dir>/wandb, `wandb sync` later) | disabled
+    tags: List[str] = field(default_factory=list)  # tags of the W&B run
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""  # MLflow server or store, e.g. http://host:5000, sqlite:///mlflow.db ("": MLFLOW_TRACKING_URI)
+    experiment: str = "poa_hpc"  # MLflow experiment of the run (created if missing)
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/poa"
     seed: int = 0
@@ -139,7 +153,12 @@ class TrainConfig:
     keep_every: int = 0  # > 0: also checkpoint every N steps and keep those for good (evaluation along the run)
     log_every: int = 10
     max_steps: int = 0  # 0: epochs * iters_per_epoch; otherwise stop early at this step
-    tensorboard: bool = False
+    tensorboard: bool = False  # same as adding tensorboard to train.loggers
+    # Metric loggers (poa_hpc/train/loggers/): jsonl (metrics.jsonl, always on) | tensorboard | wandb | mlflow;
+    # one logger run across every requeue and restart (ids in <output_dir>/loggers.json)
+    loggers: List[str] = field(default_factory=lambda: ["jsonl"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # used when train.loggers includes wandb
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # used when train.loggers includes mlflow
     progress: bool = True
     # Collapse watchdog (poa_hpc/train/watchdog.py): warn once when, for every head, the teacher-target
     # and student entropies of the global [CLS] have been >= (1 - collapse_tolerance) * ln K for
@@ -199,8 +218,11 @@ _CHOICES = {
     "train.amp": ("auto", "bf16", "none"),
     "dist.engine": ("none", "ddp", "fsdp", "deepspeed"),
     "dist.zero_stage": (1, 2, 3),
+    "train.wandb.mode": ("online", "offline", "disabled"),
 }
 
+
+_LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")  # registered in poa_hpc/train/loggers/
 
 # Lengths of schedule phases, in epochs or (when not null) in steps.
 _SCHEDULE_LENGTHS = (
@@ -249,6 +271,9 @@ def validate(cfg: POAConfig) -> POAConfig:
         if value is not None and value < 0:
             raise ConfigError(f"key '{key}': {value} must be >= 0" + (" (or null)" if key.endswith(("_steps", "_step"))
                                                                       else ""))
+    bad = [n for n in cfg.train.loggers if n not in _LOGGERS]
+    if bad:
+        raise ConfigError(f"key 'train.loggers': unknown logger {bad[0]!r}, expected some of {list(_LOGGERS)}")
     if cfg.optim.batch_size < 2:
         raise ConfigError(f"key 'optim.batch_size': {cfg.optim.batch_size} must be >= 2 (KoLeo needs neighbours)")
     return cfg

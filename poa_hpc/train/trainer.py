@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -36,7 +35,9 @@ from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
 from poa_hpc.perf.timing import StepTimer
 from poa_hpc.train.checkpoint import LAST, LEGACY_STEP, OutputWriteError, point_last, set_aside, step_file
 from poa_hpc.train.meta_arch import POA
+from poa_hpc.train.loggers import build_loggers
 from poa_hpc.train.optim import apply_schedules, build_optimizer
+from poa_hpc.train.progress import StepClock, log_line
 from poa_hpc.train.schedules import build_schedules, phase_steps
 from poa_hpc.train.stop import StopRequest
 from poa_hpc.train.watchdog import CollapseWatchdog
@@ -75,50 +76,6 @@ def build_model(cfg: POAConfig) -> POA:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         return POA(cfg)
-
-
-class MetricsLog:
-    """JSONL metrics (one object per logged step), optionally mirrored to TensorBoard."""
-
-    def __init__(self, path: Path, start_step: int, tensorboard_dir: Optional[Path] = None):
-        self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # drop what a killed run logged after the checkpoint it resumes from
-                kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start_step]
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(ln + "\n" for ln in kept))
-                os.replace(tmp, path)
-            self.f = path.open("a")
-        except OSError as exc:
-            raise OutputWriteError(f"the metrics log '{path}' could not be written: {exc}") from None
-        self.tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(tensorboard_dir))
-            except ImportError:
-                log.warning("train.tensorboard=true but tensorboard is not installed; logging JSONL only")
-
-    def write(self, record: Dict[str, float]) -> None:
-        try:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
-        except OSError as exc:
-            raise OutputWriteError(f"the metrics log '{self.path}' could not be written: {exc}") from None
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        try:
-            self.f.close()
-        except OSError:
-            pass
-        if self.tb is not None:
-            self.tb.close()
 
 
 OnStop = Callable[[int, str, int], None]
@@ -253,10 +210,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     ibot_start = phase_steps(cfg, iters_per_epoch).ibot_start
     autocast = autocast_factory(cfg.train.amp, device)
     global_batch = cfg.optim.batch_size * world_size
-    metrics = None
-    if ctx.is_main:
-        metrics = MetricsLog(out_dir / "metrics.jsonl", start_step,
-                             out_dir / "tensorboard" if cfg.train.tensorboard else None)
+    # jsonl, tensorboard, wandb, mlflow (train.loggers): main rank only, one logger run across attempts
+    metrics = build_loggers(cfg, out_dir, start_step, resume) if ctx.is_main else None
     meta = {"config": to_dict(cfg), "sampler": sampler.state_dict(), "iters_per_epoch": iters_per_epoch,
             "engine": engine.name, "world_size": world_size}
 
@@ -281,6 +236,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     if stop is not None:
         stop.arm()  # from here on a SIGTERM checkpoints the finished step (see train/stop.py)
     t_last = time.perf_counter()
+    clock = StepClock(start_step, end, now=t_last)
+    irregular = False  # the previous step also checkpointed or evaluated: its time is left out of the smoothing
     try:
         for step in range(start_step, end):
             torch.manual_seed(step_seed(cfg.train.seed, rank, step))
@@ -318,12 +275,17 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
             timer.step_done()
 
             now = time.perf_counter()
-            ips = global_batch / max(now - t_last, 1e-9)
+            clock.tick(now - t_last, regular=not irregular)
+            irregular = False
             t_last = now
+            step_s = clock.step_s or (now - clock.t0)
+            ips = global_batch / max(step_s, 1e-9)  # smoothed
             if logged:  # every rank feeds the same all-reduced record; the main rank warns
                 record = {"step": step, "epoch": step // iters_per_epoch, "width": sub.width, "depth": sub.depth,
                           "lr": s["lr"], "wd": s["wd"], "momentum": s["momentum"], "teacher_temp": s["teacher_temp"],
-                          "grad_norm": float(grad_norm), "img_per_s": ips, "skipped_images": skipped, **terms}
+                          "grad_norm": float(grad_norm), "img_per_s": ips, "step_s": step_s,
+                          "eta_s": clock.eta_s(step + 1), "elapsed_s": clock.elapsed_s(now), "skipped_images": skipped,
+                          **terms}
                 n_steps, times = timer.collect()
                 record.update(times)
                 # achieved per device: this rank's step FLOPs (mean over ranks) over the measured step time
@@ -340,10 +302,10 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                 on_step(step, model, record if logged else {"step": step, "lr": s["lr"], "teacher_temp": s["teacher_temp"],
                                                             **terms})
             if metrics is not None and logged:
-                metrics.write(record)
+                metrics.log(record)
             if log_lines and logged:
-                log.info("step %d/%d  loss %.4f  lr %.2e  sub %s  %.0f img/s", step, end, terms["loss"], s["lr"],
-                         sub, ips)
+                log.info(log_line(step, end, clock.elapsed_s(now), clock.eta_s(step + 1), terms["loss"], s["lr"],
+                                  str(sub), ips, record.get("mfu")))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{s['lr']:.2e}", sub=str(sub), ips=f"{ips:.0f}")
@@ -366,6 +328,7 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                     or (cfg.train.keep_every > 0 and done % cfg.train.keep_every == 0)):
                 with timer.host("checkpoint"):
                     engine.save(ckpt_dir, done, {**meta, "watchdog": watchdog.state_dict()}, **keep)
+                irregular = True
     finally:
         if bar is not None:
             bar.close()
