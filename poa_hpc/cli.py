@@ -37,7 +37,7 @@ from poa_hpc.errors import ConfigError, UsageError, WorkerFailure
 log = logging.getLogger("poa_hpc")
 
 # Modules that register `poa` subcommands (poa_hpc.commands.register_command): one line each.
-COMMAND_MODULES: Tuple[str, ...] = ()
+COMMAND_MODULES: Tuple[str, ...] = ("poa_hpc.config_docs", "poa_hpc.plot")
 
 
 def packaged_config(name: str) -> Path:
@@ -552,9 +552,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ main
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from poa_hpc import version_string
+
+        print(version_string())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="poa", description="POA: pre-train once, extract models of all sizes.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and git commit, then exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="pre-train a POA model")
