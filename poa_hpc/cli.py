@@ -498,6 +498,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     plot = sweep_dir / "sweep.png"
     print(f"sweep of all {len(rows)} sub-networks: {sweep_dir / 'sweep.json'}, {sweep_dir / 'sweep.csv'}"
           + (f"\nplot: {plot}" if plot.is_file() else " (no plot: matplotlib is not installed)"))
+    from poa_hpc.plot import plot_run
+
+    try:
+        print(f"training curves: {plot_run(out)[0]}")
+    except Exception as exc:  # UsageError without matplotlib: the demo's results stand
+        print(f"no training curves: {exc}")
     print(f"demo finished in {time.perf_counter() - t_start:.0f}s")
     return 0
 

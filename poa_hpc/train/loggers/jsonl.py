@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Dict
 
@@ -29,6 +30,10 @@ class JsonlLogger(Logger):
                 tmp.write_text("".join(ln + "\n" for ln in kept))
                 os.replace(tmp, path)
             self.f = path.open("a")
+            # where each attempt started (poa plot marks the requeues/restarts)
+            with (path.parent / "attempts.jsonl").open("a") as f:
+                f.write(json.dumps({"start_step": start_step, "resumed": start_step > 0,
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
         except OSError as exc:
             raise OutputWriteError(f"the metrics log '{path}' could not be written: {exc}") from None
         return None
