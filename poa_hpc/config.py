@@ -157,6 +157,9 @@ class TrainConfig:
     # Metric loggers (poa_hpc/train/loggers/): jsonl (metrics.jsonl, always on) | tensorboard | wandb | mlflow;
     # one logger run across every requeue and restart (ids in <output_dir>/loggers.json)
     loggers: List[str] = field(default_factory=lambda: ["jsonl"])
+    # > 0: every N steps (and at the last) weighted k-NN of the teacher's smallest, a middle and the intact
+    # sub-network on the evaluation set (as poa eval knn), logged as knn/<sub-network>; 0: off
+    eval_every: int = 0
     wandb: WandbConfig = field(default_factory=WandbConfig)  # used when train.loggers includes wandb
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # used when train.loggers includes mlflow
     progress: bool = True  # progress bar on a terminal, one line per logged step in a log file
@@ -274,6 +277,8 @@ def validate(cfg: POAConfig) -> POAConfig:
     bad = [n for n in cfg.train.loggers if n not in _LOGGERS]
     if bad:
         raise ConfigError(f"key 'train.loggers': unknown logger {bad[0]!r}, expected some of {list(_LOGGERS)}")
+    if cfg.train.eval_every < 0:
+        raise ConfigError(f"key 'train.eval_every': {cfg.train.eval_every} must be >= 0 (0: off)")
     if cfg.optim.batch_size < 2:
         raise ConfigError(f"key 'optim.batch_size': {cfg.optim.batch_size} must be >= 2 (KoLeo needs neighbours)")
     return cfg

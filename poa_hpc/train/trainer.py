@@ -35,6 +35,7 @@ from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
 from poa_hpc.perf.timing import StepTimer
 from poa_hpc.train.checkpoint import LAST, LEGACY_STEP, OutputWriteError, point_last, set_aside, step_file
 from poa_hpc.train.meta_arch import POA
+from poa_hpc.train.knn_eval import InRunKnn
 from poa_hpc.train.loggers import build_loggers
 from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.progress import StepClock, log_line
@@ -91,6 +92,10 @@ def check_train_keys(cfg: POAConfig) -> None:
         raise ConfigError(f"key 'train.keep_checkpoints': {t.keep_checkpoints} must be >= 1 (the newest is resumed from)")
     if t.keep_every < 0:
         raise ConfigError(f"key 'train.keep_every': {t.keep_every} must be >= 0 (0: off)")
+    if t.eval_every > 0 and cfg.dist.engine not in ("none", "ddp"):
+        raise ConfigError(f"key 'train.eval_every': the in-run k-NN needs the whole teacher on every rank "
+                          f"(dist.engine none or ddp), not {cfg.dist.engine!r}; evaluate the checkpoints with "
+                          f"poa eval knn instead")
     if not cfg.dist.timeout_s > 0:
         raise ConfigError(f"key 'dist.timeout_s': {cfg.dist.timeout_s} must be > 0 seconds")
 
@@ -212,6 +217,7 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     global_batch = cfg.optim.batch_size * world_size
     # jsonl, tensorboard, wandb, mlflow (train.loggers): main rank only, one logger run across attempts
     metrics = build_loggers(cfg, out_dir, start_step, resume) if ctx.is_main else None
+    knn = InRunKnn(cfg, rank, world_size, device) if cfg.train.eval_every > 0 else None  # train.eval_every
     meta = {"config": to_dict(cfg), "sampler": sampler.state_dict(), "iters_per_epoch": iters_per_epoch,
             "engine": engine.name, "world_size": world_size}
 
@@ -298,11 +304,24 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                     log.warning(warning)
                 record["collapsed"] = int(watchdog.collapsed)
                 last_record = record
+            evaluated: Dict[str, float] = {}
+            if knn is not None and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == end):
+                t_eval = time.perf_counter()
+                evaluated = knn(model.teacher_backbone())  # every rank: features in shards, gathered
+                evaluated["time/knn_s"] = time.perf_counter() - t_eval
+                irregular = True
+                if ctx.is_main:
+                    log.info("k-NN after step %d: %s", step + 1,
+                             "  ".join(f"{k[4:]} {v:.2f}%" for k, v in evaluated.items() if k.startswith("knn/")))
+                if logged:
+                    record.update(evaluated)
             if on_step is not None and ctx.is_main:
                 on_step(step, model, record if logged else {"step": step, "lr": s["lr"], "teacher_temp": s["teacher_temp"],
                                                             **terms})
             if metrics is not None and logged:
                 metrics.log(record)
+            elif metrics is not None and evaluated:
+                metrics.log({"step": step, **evaluated})
             if log_lines and logged:
                 log.info(log_line(step, end, clock.elapsed_s(now), clock.eta_s(step + 1), terms["loss"], s["lr"],
                                   str(sub), ips, record.get("mfu")))
