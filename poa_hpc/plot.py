@@ -101,6 +101,8 @@ def plot_run(run: Path, out: Optional[Path] = None) -> List[Path]:
     twin.plot(*_series(rows, "teacher_temp"), color="tab:red")
     twin.set_ylabel("teacher temperature", color="tab:red")
     ax[2].set_title("teacher momentum and temperature")
+    ax[2].ticklabel_format(axis="y", useOffset=False)
+    twin.ticklabel_format(axis="y", useOffset=False)
 
     ax[3].plot(*_series(rows, "img_per_s"), color="tab:purple")
     ax[3].set_ylabel("img/s (smoothed, all ranks)", color="tab:purple")
@@ -125,7 +127,7 @@ def plot_run(run: Path, out: Optional[Path] = None) -> List[Path]:
         ax[4].set_ylim(lo, max(hi, math.log(max(ks)) + 0.2))
     ax[4].set_title("collapse watchdog: entropies of the [CLS] targets vs ln K")
     ax[4].set_ylabel("entropy (nats)")
-    ax[4].legend(fontsize=7)
+    ax[4].legend(fontsize=7, loc="lower right")
 
     knn = sorted({k for r in rows for k in r if k.startswith("knn/")},
                  key=lambda k: [int(x) if x.isdigit() else x for x in k[4:].split("x")])
