@@ -143,7 +143,7 @@ def test_a_killed_and_resumed_run_is_one_run_with_each_step_once_in_every_logger
 
 
 def test_a_missing_logger_package_is_one_line_naming_the_extra(tmp_path, monkeypatch):
-    from poa_hpc.train.loggers import build_loggers
+    from poa_hpc.train.loggers import build_loggers, check_available
 
     for name, extra in (("wandb", "wandb"), ("mlflow", "mlflow"), ("tensorboard", "tensorboard")):
         monkeypatch.setitem(sys.modules, name, None)  # import fails as when the package is absent
@@ -151,6 +151,8 @@ def test_a_missing_logger_package_is_one_line_naming_the_extra(tmp_path, monkeyp
         with pytest.raises(ConfigError, match=rf"pip install 'poa_hpc\[{extra}\]'") as e:
             build_loggers(cfg, tmp_path, 0, resume=False)
         assert "\n" not in str(e.value)
+        with pytest.raises(ConfigError, match=rf"pip install 'poa_hpc\[{extra}\]'"):
+            check_available(cfg)  # on every rank, before training
     with pytest.raises(ConfigError, match="train.loggers.*'neptune'"):
         load_config(None, ["train.loggers=[jsonl,neptune]"])
 

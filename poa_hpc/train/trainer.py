@@ -37,6 +37,7 @@ from poa_hpc.train.checkpoint import LAST, LEGACY_STEP, OutputWriteError, point_
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.knn_eval import InRunKnn
 from poa_hpc.train.loggers import build_loggers
+from poa_hpc.train.loggers import check_available as check_loggers
 from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.progress import StepClock, log_line
 from poa_hpc.train.schedules import build_schedules, phase_steps
@@ -161,6 +162,7 @@ def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = No
     change the model.
     """
     check_train_keys(cfg)
+    check_loggers(cfg)  # a missing logger package stops every rank here, with one line
     ctx = init_distributed(cfg.train.device, cfg.dist.timeout_s, Path(cfg.train.output_dir) / "status")
     try:
         summary = _train(cfg, resume, ctx, stop, on_stop, on_step)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from poa_hpc.errors import ConfigError, OutputWriteError
 
-__all__ = ["Logger", "LoggerSet", "register_logger", "get_logger", "logger_names", "build_loggers",
+__all__ = ["Logger", "LoggerSet", "check_available", "register_logger", "get_logger", "logger_names", "build_loggers",
            "RUN_IDS", "read_run_ids", "last_logged_step"]
 
 RUN_IDS = "loggers.json"  # in the run folder: backend name -> its run id
@@ -128,6 +128,23 @@ def selected(cfg: Any) -> List[str]:
     for n in names:
         get_logger(n)
     return list(dict.fromkeys(names))
+
+
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # logger -> package (= extra)
+
+
+def check_available(cfg: Any) -> None:
+    """On every rank before training: a logger whose package is missing is a one-line error naming the
+    extra (here, rather than on rank 0 alone when it opens its loggers, so no rank waits for it)."""
+    import importlib
+
+    for n in selected(cfg):
+        pkg = _PACKAGES.get(n)
+        if pkg is not None:
+            try:
+                importlib.import_module(pkg)
+            except ImportError:
+                raise missing_extra(pkg, n) from None
 
 
 class LoggerSet:
