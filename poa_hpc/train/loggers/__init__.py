@@ -122,6 +122,7 @@ def last_logged_step(metrics: Path) -> int:
 
 def selected(cfg: Any) -> List[str]:
     """``train.loggers`` with ``jsonl`` first (always on) and the legacy ``train.tensorboard: true``."""
+    load_all()
     names = ["jsonl"] + [n for n in cfg.train.loggers if n != "jsonl"]
     if cfg.train.tensorboard and "tensorboard" not in names:
         names.append("tensorboard")
