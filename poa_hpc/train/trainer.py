@@ -93,10 +93,6 @@ def check_train_keys(cfg: POAConfig) -> None:
         raise ConfigError(f"key 'train.keep_checkpoints': {t.keep_checkpoints} must be >= 1 (the newest is resumed from)")
     if t.keep_every < 0:
         raise ConfigError(f"key 'train.keep_every': {t.keep_every} must be >= 0 (0: off)")
-    if t.eval_every > 0 and cfg.dist.engine not in ("none", "ddp"):
-        raise ConfigError(f"key 'train.eval_every': the in-run k-NN needs the whole teacher on every rank "
-                          f"(dist.engine none or ddp), not {cfg.dist.engine!r}; evaluate the checkpoints with "
-                          f"poa eval knn instead")
     if not cfg.dist.timeout_s > 0:
         raise ConfigError(f"key 'dist.timeout_s': {cfg.dist.timeout_s} must be > 0 seconds")
 
@@ -219,7 +215,12 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     global_batch = cfg.optim.batch_size * world_size
     # jsonl, tensorboard, wandb, mlflow (train.loggers): main rank only, one logger run across attempts
     metrics = build_loggers(cfg, out_dir, start_step, resume) if ctx.is_main else None
-    knn = InRunKnn(cfg, rank, world_size, device) if cfg.train.eval_every > 0 else None  # train.eval_every
+    knn = None  # train.eval_every: the in-run k-NN needs the whole teacher on every rank
+    if cfg.train.eval_every > 0 and cfg.dist.engine in ("none", "ddp"):
+        knn = InRunKnn(cfg, rank, world_size, device)
+    elif cfg.train.eval_every > 0 and ctx.is_main:
+        log.warning("train.eval_every=%d is off with dist.engine=%s (the teacher is sharded): evaluate the "
+                    "checkpoints with poa eval knn (train.keep_every keeps them)", cfg.train.eval_every, cfg.dist.engine)
     meta = {"config": to_dict(cfg), "sampler": sampler.state_dict(), "iters_per_epoch": iters_per_epoch,
             "engine": engine.name, "world_size": world_size}
 
