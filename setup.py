@@ -13,6 +13,9 @@ setup(
     description="POA self-supervised pre-training (teacher / intact / elastic students) on GPU clusters",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=["License :: OSI Approved :: Apache Software License"],
     python_requires=">=3.10",
     packages=packages,
     package_dir={"poa_hpc.kernels": "kernels", "poa_hpc.configs": "configs"},
@@ -32,12 +35,15 @@ setup(
     extras_require={
         # DALI's wheel carries its CPU backend too, so the DALI tests run without a GPU.
         "dev": ["pytest>=8", "pytest-timeout", "timm>=1.0", "deepspeed>=0.16", "nvidia-dali-cuda120>=1.40",
-                "submitit>=1.5", "matplotlib", "ruff"],
+                "submitit>=1.5", "matplotlib", "ruff",
+                "tensorboard", "wandb", "mlflow"],
         "plot": ["matplotlib"],  # the accuracy-vs-GFLOPs figure of `poa eval sweep`
         "timm": ["timm>=1.0"],
         "slurm": ["submitit>=1.5"],
         "dali": ["nvidia-dali-cuda120>=1.40"],
-        "tensorboard": ["tensorboard"],
+        "tensorboard": ["tensorboard"],  # train.loggers: [tensorboard]
+        "wandb": ["wandb"],  # train.loggers: [wandb]
+        "mlflow": ["mlflow"],  # train.loggers: [mlflow]
         "deepspeed": ["deepspeed>=0.16"],
         "gpu": ["xformers", "nvidia-dali-cuda120>=1.40", "deepspeed>=0.16", "triton"],
     },

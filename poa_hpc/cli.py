@@ -43,6 +43,8 @@ COMMAND_MODULES: Tuple[str, ...] = (
     "poa_hpc.bench.step",          # bench step
     "poa_hpc.perf.commands",       # estimate flops|memory|comm, profile
     "poa_hpc.data.pack",           # data pack
+    "poa_hpc.config_docs",         # config show
+    "poa_hpc.plot",                # plot
 )
 
 GROUP_HELP = {
@@ -53,9 +55,18 @@ GROUP_HELP = {
 }
 
 
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from poa_hpc import version_string
+
+        print(version_string())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="poa", description="POA: pre-train once, extract models of all sizes.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and git commit, then exit")
     sub = p.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         importlib.import_module(module)

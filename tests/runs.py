@@ -19,6 +19,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMI
 RUN = [
     "data.n_local=2", "data.num_workers=0", "optim.iters_per_epoch=4", "optim.epochs=2", "optim.warmup_epochs=1",
     "loss.ibot_start_epoch=1", "loss.warmup_teacher_temp_epochs=1", "train.log_every=1", "train.progress=false",
+    "train.eval_every=0",
 ]
 # KoLeo's nearest neighbours and drop-path masks are per-rank statistics (as DINOv2): off where a
 # W-rank run is compared with one process.

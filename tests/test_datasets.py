@@ -275,7 +275,7 @@ def test_bad_data_is_one_line_exit_2_before_training(case, tmp_path, capsys):
     from poa_hpc.cli import main
 
     overrides, pattern = _bad_inputs(tmp_path)[case]
-    code = main(["train", "--config", str(ROOT / "poa_hpc/configs/demo_cpu.yaml"),
+    code = main(["train", "--config", "demo_cpu",
                  f"train.output_dir={tmp_path / 'run'}", *overrides])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -295,7 +295,7 @@ def test_changed_shard_via_poa_train_subprocess(packed, tmp_path):
     shard = copy / "shard-000000.tar"
     shard.write_bytes(shard.read_bytes()[:-512])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "poa_hpc", "train", "--config", "poa_hpc/configs/demo_cpu.yaml",
+    r = subprocess.run([sys.executable, "-m", "poa_hpc", "train", "--config", "demo_cpu",
                         "data.dataset=shards", f"data.root={copy}", f"train.output_dir={tmp_path / 'run'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     from poa_hpc.errors import FATAL_EXIT_CODES

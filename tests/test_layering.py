@@ -22,15 +22,15 @@ LAYERS = [
      "poa_hpc.distributed.registry", "poa_hpc.data.registry"],  # no dependencies (the engine and dataset registries)
     ["poa_hpc.kernels"],                                        # kernels know nothing of POA
     ["poa_hpc.models", "poa_hpc.losses"],                       # the model knows nothing of engines
-    ["poa_hpc.config"],
+    ["poa_hpc.config", "poa_hpc.config_docs"],
     ["poa_hpc.data", "poa_hpc.checkpoint"],
     ["poa_hpc.train.meta_arch", "poa_hpc.train.optim", "poa_hpc.train.schedules", "poa_hpc.train.stop",
      "poa_hpc.train.watchdog", "poa_hpc.train.load"],            # the step
     ["poa_hpc.distributed"],                                    # engines wrap the step
     ["poa_hpc.perf"],                                           # measuring the step
-    ["poa_hpc.train"],                                          # the loop (knows nothing of Slurm)
-    ["poa_hpc.eval"],
-    ["poa_hpc.launch", "poa_hpc.bench", "poa_hpc.perf.profile"],  # jobs, benchmarks, the profiler
+    ["poa_hpc.eval"],                                           # evaluating a teacher (k-NN, probes, sweeps)
+    ["poa_hpc.train"],                                          # the loop (knows nothing of Slurm; k-NN along the run)
+    ["poa_hpc.launch", "poa_hpc.bench", "poa_hpc.perf.profile", "poa_hpc.plot"],  # jobs, benchmarks, the profiler
     ["poa_hpc.cli", "poa_hpc.__main__"],                        # entry points (and every `commands` module)
 ]
 # Edges known to break the rules, each with the work that removes it.

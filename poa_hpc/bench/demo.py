@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from poa_hpc.commands import register_command
+from poa_hpc.models.subnets import probe_subnets
 from poa_hpc.results import write_result
 
 DEFAULT_RECIPES = Path("benchmarks") / "demo_recipes.yaml"
@@ -55,15 +56,6 @@ def cpu_seconds() -> float:
         r = resource.getrusage(who)
         total += r.ru_utime + r.ru_stime
     return total
-
-
-def demo_subnets(space) -> list:
-    """The three sub-networks the demo reports: the smallest, a middle one and the intact network."""
-    from poa_hpc.models.subnets import Subnet
-
-    return [Subnet(space.widths[0], space.depths[0]),
-            Subnet(space.widths[len(space.widths) // 2], space.depths[len(space.depths) // 2]),
-            space.intact]
 
 
 class Prober:
@@ -216,7 +208,7 @@ def run_recipe(name: str, overrides: Sequence[str], config: Path, workdir: Path,
         shutil.rmtree(out_dir)
     cfg = load_config(config, [*overrides, f"train.output_dir={out_dir}", "train.progress=false"])
     space = get_backbone(cfg.model.arch).space(cfg.model.section)
-    subs = demo_subnets(space)
+    subs = probe_subnets(space)
     prober = Prober(cfg, probe_every)
     load0 = os.getloadavg()[0]
     c0, w0 = cpu_seconds(), time.perf_counter()
@@ -361,7 +353,7 @@ class DemoCommand:
             raise UsageError(f"--linear-epochs {args.linear_epochs}: expected a positive number of epochs")
         out = Path(cfg.train.output_dir)
         space = get_backbone(cfg.model.arch).space(cfg.model.section)
-        subs = demo_subnets(space)
+        subs = probe_subnets(space)
         t_start = time.perf_counter()
         baseline = raw_pixel_knn(cfg)
         print(f"POA demo: {len(space)} sub-networks; training on {cfg.data.dataset} for "
@@ -397,5 +389,11 @@ class DemoCommand:
         plot = sweep_dir / "sweep.png"
         print(f"sweep of all {len(rows)} sub-networks: {sweep_dir / 'sweep.json'}, {sweep_dir / 'sweep.csv'}"
               + (f"\nplot: {plot}" if plot.is_file() else " (no plot: matplotlib is not installed)"))
+        from poa_hpc.plot import plot_run
+
+        try:
+            print(f"training curves: {plot_run(out)[0]}")
+        except Exception as exc:  # UsageError without matplotlib: the demo's results stand
+            print(f"no training curves: {exc}")
         print(f"demo finished in {time.perf_counter() - t_start:.0f}s")
         return 0

@@ -47,14 +47,15 @@ class TrainCommand:
 
     @staticmethod
     def add_arguments(t: argparse.ArgumentParser) -> None:
-        t.add_argument("--config", required=True, help="YAML config (see configs/)")
+        t.add_argument("--config", required=True, help="YAML config, or a packaged one by name (demo_cpu, vit_l_poa, ...)")
         t.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/checkpoints")
         t.add_argument("--nproc", type=int, default=1,
                        help="processes on this machine (launches torchrun; needs dist.engine=fsdp, deepspeed or ddp)")
         t.add_argument("--max-restarts", type=int, default=0,
                        help="with --nproc: torchrun restarts all workers this many times when one fails (a crash, a "
                             "killed process, a collective past dist.timeout_s); they resume from the newest checkpoint")
-        t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3")
+        t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 (every key and its doc: "
+                                                    "poa config show)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:

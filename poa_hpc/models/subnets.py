@@ -193,3 +193,11 @@ class SubnetSampler:
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "stream": self.stream, "mode": self.mode, "pool_size": len(self.pool)}
+
+
+def probe_subnets(space) -> list:
+    """The three sub-networks the demo and the in-run k-NN report: the smallest, a middle one and the intact
+    network."""
+    return [Subnet(space.widths[0], space.depths[0]),
+            Subnet(space.widths[len(space.widths) // 2], space.depths[len(space.depths) // 2]),
+            space.intact]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -46,7 +45,11 @@ from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
 from poa_hpc.perf.timing import StepTimer
 from poa_hpc.train.meta_arch import POA
+from poa_hpc.train.knn_eval import InRunKnn
+from poa_hpc.train.loggers import build_loggers
+from poa_hpc.train.loggers import check_available as check_loggers
 from poa_hpc.train.optim import apply_schedules, build_optimizer
+from poa_hpc.train.progress import StepClock, log_line
 from poa_hpc.train.schedules import build_schedules, phase_steps
 from poa_hpc.train.stop import StopRequest
 from poa_hpc.train.watchdog import CollapseWatchdog
@@ -89,48 +92,6 @@ def build_model(cfg: POAConfig) -> POA:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         return POA(cfg)
-
-
-class MetricsLog:
-    """JSONL metrics (one object per logged step), optionally mirrored to TensorBoard."""
-
-    def __init__(self, path: Path, start_step: int, tensorboard_dir: Optional[Path] = None):
-        self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # drop what a killed run logged after the checkpoint it resumes from
-                kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start_step]
-                atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-            self.f = path.open("a")
-        except OSError as exc:
-            raise OutputWriteError(f"the metrics log '{path}' could not be written: {exc}") from None
-        self.tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(tensorboard_dir))
-            except ImportError:
-                log.warning("train.tensorboard=true but tensorboard is not installed; logging JSONL only")
-
-    def write(self, record: Dict[str, float]) -> None:
-        try:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
-        except OSError as exc:
-            raise OutputWriteError(f"the metrics log '{self.path}' could not be written: {exc}") from None
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        try:
-            self.f.close()
-        except OSError:
-            pass
-        if self.tb is not None:
-            self.tb.close()
 
 
 OnStop = Callable[[int, str, int], None]
@@ -230,6 +191,7 @@ def train(cfg: POAConfig, resume: bool = False, stop: Optional[StopRequest] = No
     # The user's data is checked before the process group exists: a bad root, index or shard ends every rank
     # with the same one-line error (exit code 2, not requeued), not one rank crashing while the others wait.
     dataset = check_train_data(cfg, world_size=_launch_world_size())
+    check_loggers(cfg)  # a missing logger package stops every rank here, with one line
     ctx = init_distributed(cfg.train.device, cfg.dist.timeout_s, Path(cfg.train.output_dir) / "status")
     try:
         summary = _train(cfg, resume, ctx, stop, on_stop, on_step, dataset)
@@ -288,10 +250,14 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     ibot_start = phase_steps(cfg, iters_per_epoch).ibot_start
     autocast = autocast_factory(cfg.train.amp, device)
     global_batch = cfg.optim.batch_size * world_size
-    metrics = None
-    if ctx.is_main:
-        metrics = MetricsLog(out_dir / "metrics.jsonl", start_step,
-                             out_dir / "tensorboard" if cfg.train.tensorboard else None)
+    # jsonl, tensorboard, wandb, mlflow (train.loggers): main rank only, one logger run across attempts
+    metrics = build_loggers(cfg, out_dir, start_step, resume) if ctx.is_main else None
+    knn = None  # train.eval_every: the in-run k-NN needs the whole teacher on every rank
+    if cfg.train.eval_every > 0 and cfg.dist.engine in ("none", "ddp"):
+        knn = InRunKnn(cfg, rank, world_size, device)
+    elif cfg.train.eval_every > 0 and ctx.is_main:
+        log.warning("train.eval_every=%d is off with dist.engine=%s (the teacher is sharded): evaluate the "
+                    "checkpoints with poa eval knn (train.keep_every keeps them)", cfg.train.eval_every, cfg.dist.engine)
     meta = {"config": to_dict(cfg), "sampler": sampler.state_dict(), "iters_per_epoch": iters_per_epoch,
             "engine": engine.name, "world_size": world_size}
 
@@ -316,6 +282,8 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
     if stop is not None:
         stop.arm()  # from here on a SIGTERM checkpoints the finished step (see train/stop.py)
     t_last = time.perf_counter()
+    clock = StepClock(start_step, end, now=t_last)
+    irregular = False  # the previous step also checkpointed or evaluated: its time is left out of the smoothing
     try:
         for step in range(start_step, end):
             torch.manual_seed(step_seed(cfg.train.seed, rank, step))
@@ -353,12 +321,17 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
             timer.step_done()
 
             now = time.perf_counter()
-            ips = global_batch / max(now - t_last, 1e-9)
+            clock.tick(now - t_last, regular=not irregular)
+            irregular = False
             t_last = now
+            step_s = clock.step_s or (now - clock.t0)
+            ips = global_batch / max(step_s, 1e-9)  # smoothed
             if logged:  # every rank feeds the same all-reduced record; the main rank warns
                 record = {"step": step, "epoch": step // iters_per_epoch, "width": sub.width, "depth": sub.depth,
                           "lr": s["lr"], "wd": s["wd"], "momentum": s["momentum"], "teacher_temp": s["teacher_temp"],
-                          "grad_norm": float(grad_norm), "img_per_s": ips, "skipped_images": skipped, **terms}
+                          "grad_norm": float(grad_norm), "img_per_s": ips, "step_s": step_s,
+                          "eta_s": clock.eta_s(step + 1), "elapsed_s": clock.elapsed_s(now), "skipped_images": skipped,
+                          **terms}
                 n_steps, times = timer.collect()
                 record.update(times)
                 # achieved per device: this rank's step FLOPs (mean over ranks) over the measured step time
@@ -371,14 +344,27 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                     log.warning(warning)
                 record["collapsed"] = int(watchdog.collapsed)
                 last_record = record
+            evaluated: Dict[str, float] = {}
+            if knn is not None and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == end):
+                t_eval = time.perf_counter()
+                evaluated = knn(model.teacher_backbone())  # every rank: features in shards, gathered
+                evaluated["time/knn_s"] = time.perf_counter() - t_eval
+                irregular = True
+                if ctx.is_main:
+                    log.info("k-NN after step %d: %s", step + 1,
+                             "  ".join(f"{k[4:]} {v:.2f}%" for k, v in evaluated.items() if k.startswith("knn/")))
+                if logged:
+                    record.update(evaluated)
             if on_step is not None and ctx.is_main:
                 on_step(step, model, record if logged else {"step": step, "lr": s["lr"], "teacher_temp": s["teacher_temp"],
                                                             **terms})
             if metrics is not None and logged:
-                metrics.write(record)
+                metrics.log(record)
+            elif metrics is not None and evaluated:
+                metrics.log({"step": step, **evaluated})
             if log_lines and logged:
-                log.info("step %d/%d  loss %.4f  lr %.2e  sub %s  %.0f img/s", step, end, terms["loss"], s["lr"],
-                         sub, ips)
+                log.info(log_line(step, end, clock.elapsed_s(now), clock.eta_s(step + 1), terms["loss"], s["lr"],
+                                  str(sub), ips, record.get("mfu")))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{s['lr']:.2e}", sub=str(sub), ips=f"{ips:.0f}")
@@ -401,6 +387,7 @@ def _train(cfg: POAConfig, resume: bool, ctx, stop: Optional[StopRequest] = None
                     or (cfg.train.keep_every > 0 and done % cfg.train.keep_every == 0)):
                 with timer.host("checkpoint"):
                     engine.save(ckpt_dir, done, {**meta, "watchdog": watchdog.state_dict()}, **keep)
+                irregular = True
     finally:
         if bar is not None:
             bar.close()

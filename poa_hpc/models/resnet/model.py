@@ -58,8 +58,8 @@ class ResNetArch:
     """
 
     img_size: int = 224  # reference image size (``poa subnets`` GFLOPs)
-    in_chans: int = 3
-    stem_channels: int = 64
+    in_chans: int = 3  # input channels
+    stem_channels: int = 64  # channels of the stem convolution
     base_channels: int = 64  # stage s blocks output 4 * base_channels * 2**s channels (256 .. 2048)
     depths: List[int] = field(default_factory=lambda: [3, 8, 36, 3])  # intact blocks per stage
     min_depths: List[int] = field(default_factory=lambda: [3, 4, 6, 3])  # elastic range per stage: min..max

@@ -67,21 +67,21 @@ class SwinArch:
     """
 
     img_size: int = 224  # reference input size (GFLOPs); Swin has no position embedding
-    patch_size: int = 4
-    in_chans: int = 3
+    patch_size: int = 4  # patch side (px)
+    in_chans: int = 3  # input channels
     embed_dim: int = 128  # stage-1 channels of the intact network (stage s: embed_dim * 2**s)
-    depths: List[int] = field(default_factory=lambda: [2, 2, 18, 2])
+    depths: List[int] = field(default_factory=lambda: [2, 2, 18, 2])  # blocks per stage of the intact network
     head_dim: int = 16  # the authors' choice (twice the standard Swin head count)
-    window_size: int = 7
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
+    window_size: int = 7  # attention window side (patches)
+    mlp_ratio: float = 4.0  # MLP hidden width / width
+    qkv_bias: bool = True  # bias in the qkv projection
     drop_path_rate: float = 0.2  # linspace(0, rate, sum(depths)) over the intact blocks (authors)
     # Elastic space: stage-1 widths min_width, min_width + width_step, ..., embed_dim (multiples of
     # head_dim); stage-3 depths min_depth..depths[2]; eq. 14 sampling with s = sampling_s.
-    min_width: int = 96
-    width_step: int = 16
-    min_depth: int = 6
-    sampling_s: float = 2.0
+    min_width: int = 96  # narrowest elastic stage-1 width
+    width_step: int = 16  # stage-1 width step
+    min_depth: int = 6  # fewest stage-3 blocks
+    sampling_s: float = 2.0  # s of the eq. 14 sub-network sampling
     # iBOT: masks are drawn on a grid of img / patch / 8 * ibot_scale_factor per side (14 at 224) and
     # upsampled to the patch grid; stage-4 tokens are upsampled by this factor to that grid.
     ibot_scale_factor: int = 2

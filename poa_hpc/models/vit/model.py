@@ -92,14 +92,14 @@ class ViTArch:
     """
 
     img_size: int = 224  # size the position embedding is built for
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    layerscale_init: float = 1e-5
+    patch_size: int = 16  # patch side (px)
+    in_chans: int = 3  # input channels
+    embed_dim: int = 1024  # width of the intact network
+    depth: int = 24  # blocks of the intact network
+    num_heads: int = 16  # attention heads of the intact network
+    mlp_ratio: float = 4.0  # MLP hidden width / width
+    qkv_bias: bool = True  # bias in the qkv projection
+    layerscale_init: float = 1e-5  # initial LayerScale (DINOv2: 1e-5)
     # Position embedding at another input size (local crops, evaluation at other resolutions): the
     # patch grid G x G is resized bicubically with scale_factor (g + offset) / G, as the authors and
     # DINOv2 (interpolate_offset 0.1, no antialias); 0 resizes to size (g, g) instead.
@@ -107,10 +107,10 @@ class ViTArch:
     drop_path_rate: float = 0.2  # uniform over blocks (the authors' ViT-L drop_path_uniform)
     # Elastic space (spec §1): widths min_width, min_width + width_step, ..., embed_dim (one head
     # per step); depths min_depth..depth; eq. 14 sampling with s = sampling_s.
-    min_width: int = 384
-    width_step: int = 64
-    min_depth: int = 12
-    sampling_s: float = 3.0
+    min_width: int = 384  # narrowest elastic width
+    width_step: int = 64  # width step (one head per step)
+    min_depth: int = 12  # shallowest elastic depth
+    sampling_s: float = 3.0  # s of the eq. 14 sub-network sampling
 
     @property
     def head_dim(self) -> int:
