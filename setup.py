@@ -39,6 +39,7 @@ setup(
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "tensorboard": ["tensorboard"],
         "deepspeed": ["deepspeed>=0.16"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript"],  # poa export --format onnx, latency --runtime onnxruntime
         "gpu": ["xformers", "nvidia-dali-cuda120>=1.40", "deepspeed>=0.16", "triton"],
     },
     entry_points={"console_scripts": ["poa=poa_hpc.cli:main"]},

@@ -219,6 +219,15 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(save_subnet(stem.with_suffix(".safetensors"), family, arch, state, width=sub.width, depth=sub.depth,
                               step=prov["step"], source=prov["source"], config=prov["config"]))
             continue
+        if args.format == "onnx":
+            from poa_hpc.models.onnx_export import export_onnx
+
+            dense = get_backbone(family).build_dense(arch)
+            dense.load_state_dict(state)
+            size = args.img_size or getattr(arch, "img_size", None) or 224
+            diff = export_onnx(dense, size, stem.with_suffix(".onnx"))
+            print(f"{stem.with_suffix('.onnx')}  (input {size} px, onnxruntime vs PyTorch max abs diff {diff:.2e})")
+            continue
         try:
             weights, info = export_timm(stem, family, arch, state, img_size=args.img_size, run=prov["run"],
                                         step=prov["step"], width=sub.width, depth=sub.depth)
@@ -583,8 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write sub-networks as timm models (safetensors + JSON) or poa_hpc files")
     x.add_argument("source", help="run folder / training checkpoint, or one extracted .safetensors file")
-    x.add_argument("--format", choices=("timm", "safetensors"), default="timm",
-                   help="timm: state dict + JSON for timm.create_model; safetensors: poa_hpc files (as poa extract)")
+    x.add_argument("--format", choices=("timm", "safetensors", "onnx"), default="timm",
+                   help="timm: state dict + JSON for timm.create_model; safetensors: poa_hpc files (as poa extract); "
+                        "onnx: opset 18, dynamic batch, checked against PyTorch with onnxruntime")
     x.add_argument("--subnet", action="append", help="WIDTHxDEPTH or a named size (ViT-S), repeatable")
     x.add_argument("--all", action="store_true", help="every sub-network of the elastic space")
     x.add_argument("--width", type=int)
