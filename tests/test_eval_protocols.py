@@ -105,6 +105,7 @@ def test_knn_and_linear_numbers_unchanged_by_the_protocols(tmp_path):
     assert new == [r.knn_top1 for r in rows]
 
 
+@pytest.mark.slow
 def test_columns_and_panels_follow_the_protocols(tmp_path):
     import csv
 
@@ -193,6 +194,7 @@ def test_select_equals_brute_force_on_random_sweeps():
                 assert best in front
 
 
+@pytest.mark.slow
 def test_poa_select_chooses_and_exports(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from poa_hpc.cli import main
@@ -202,7 +204,8 @@ def test_poa_select_chooses_and_exports(tmp_path, capsys):
 
     cfg, backbone, space = _tiny_run(tmp_path)
     run = tmp_path / "run"
-    assert main(["eval", "sweep", str(run), "--protocols", "knn,latency", "--subnets", "all", "--train-per-class", "10",
+    assert main(["eval", "sweep", str(run), "--protocols", "knn,latency", "--subnets", ",".join(map(str, space.all()[::2])),
+                 "--train-per-class", "10",
                  "--runs", "3", "--warmup", "1", "--latency-batch", "4", "--threads", "1", "--no-progress",
                  "data.num_workers=0"]) == 0
     doc = json.loads((run / "eval" / "sweep.json").read_text())

@@ -171,3 +171,84 @@ class LatencyProtocol(Protocol):
             out.update({f"latency_ms_{rt}": m["latency_ms"], f"latency_p90_ms_{rt}": m["latency_p90_ms"],
                         f"throughput_{rt}": m["throughput"]})
         return out
+
+
+@register_protocol
+class FinetuneProtocol(Protocol):
+    name = "finetune"
+    help = ("full fine-tuning with a linear head: AdamW, layer-wise lr decay, drop path, cosine schedule, label "
+            "smoothing, mixup/CutMix, optional EMA; val top-1")
+    needs = ("model",)
+
+    def add_arguments(self, parser):
+        from poa_hpc.eval.finetune import FinetuneOptions
+
+        d = FinetuneOptions()
+        parser.add_argument("--ft-epochs", type=int, default=d.epochs, help="fine-tuning epochs (default: %(default)s)")
+        parser.add_argument("--ft-lr", type=float, default=d.lr, help="fine-tuning peak lr (default: %(default)s)")
+        parser.add_argument("--ft-batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+        parser.add_argument("--ft-weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
+        parser.add_argument("--ft-layer-decay", type=float, default=d.layer_decay,
+                            help="layer-wise lr decay over the pre-training layer ids (default: %(default)s)")
+        parser.add_argument("--ft-drop-path", type=float, default=d.drop_path, help="default: %(default)s")
+        parser.add_argument("--ft-warmup-epochs", type=int, default=d.warmup_epochs, help="default: %(default)s")
+        parser.add_argument("--ft-label-smoothing", type=float, default=d.label_smoothing, help="default: %(default)s")
+        parser.add_argument("--ft-mixup", type=float, default=d.mixup, help="mixup alpha (timm Mixup; 0: off)")
+        parser.add_argument("--ft-cutmix", type=float, default=d.cutmix, help="CutMix alpha (0: off)")
+        parser.add_argument("--ft-ema", type=float, default=d.ema, help="EMA decay per step (0: off)")
+        parser.add_argument("--ft-out", help="fine-tuning checkpoints (one folder per sub-network; a run started "
+                                             "again with the same folder resumes)")
+
+    def options(self, args, cfg):
+        from poa_hpc.eval.finetune import FinetuneOptions
+        from poa_hpc.eval.sweep import eval_splits
+
+        o = FinetuneOptions(epochs=args.ft_epochs, batch_size=args.ft_batch_size, lr=args.ft_lr,
+                            weight_decay=args.ft_weight_decay, layer_decay=args.ft_layer_decay,
+                            drop_path=args.ft_drop_path, warmup_epochs=args.ft_warmup_epochs,
+                            label_smoothing=args.ft_label_smoothing, mixup=args.ft_mixup, cutmix=args.ft_cutmix,
+                            ema=args.ft_ema, seed=getattr(args, "seed", 0), num_workers=cfg.data.num_workers)
+        if o.epochs < 1 or o.batch_size < 1 or not o.lr > 0 or not 0 < o.layer_decay <= 1 or not 0 <= o.drop_path < 1:
+            raise ValueError("fine-tuning: need --ft-epochs, --ft-batch-size >= 1, --ft-lr > 0, 0 < --ft-layer-decay "
+                             "<= 1, 0 <= --ft-drop-path < 1")
+        train, val, num_classes, _ = eval_splits(cfg, getattr(args, "train_per_class", 0) or 0, o.seed)
+        return {"options": o, "train": train, "val": val, "num_classes": num_classes, "out": args.ft_out,
+                "progress": not getattr(args, "no_progress", False)}
+
+    def columns(self, opts):
+        return (Column("finetune_top1", "finetune", "pct"), Column("finetune_per_epoch", "", json_only=True))
+
+    def metrics(self, opts):
+        return (Metric("finetune_top1", "fine-tuned", ("finetune", "ft")),)
+
+    def provenance(self, opts):
+        from dataclasses import asdict
+
+        return {**asdict(opts["options"]), "optimizer": "AdamW, layer-wise lr decay, cosine after linear warm-up",
+                "head": "linear on the final-norm features", "evaluated": "EMA weights" if opts["options"].ema else
+                "weights"}
+
+    def measure(self, model, img_size, opts):
+        from pathlib import Path
+
+        import torch
+
+        from poa_hpc.eval.evaluate import dense_cost
+        from poa_hpc.eval.finetune import finetune
+        from poa_hpc.models.registry import get_backbone
+
+        spec = get_backbone(model.family)
+        sub = dense_cost(model, img_size)[0]
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        def build(drop_path):
+            m = spec.build(model.arch, drop_path_rate=drop_path)
+            m.load_state_dict(state)
+            return m
+
+        out = Path(opts["out"]) / f"{model.family}_{sub}" if opts["out"] else None
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        r = finetune(build, spec, model.arch, spec.feature_dim(model.arch, sub.width), opts["train"], opts["val"],
+                     opts["num_classes"], opts["options"], out, device=device,
+                     log=print if opts["progress"] else (lambda s: None))
+        return {"finetune_top1": r["top1"], "finetune_per_epoch": r["per_epoch"]}
