@@ -161,7 +161,7 @@ def finetune(backbone_builder: Callable[[float], nn.Module], spec, arch, feature
                 with torch.no_grad():
                     for pe, pm in zip(ema.parameters(), model.parameters()):
                         pe.lerp_(pm, 1.0 - opts.ema)
-            loss_sum += float(loss) * len(x)
+            loss_sum += float(loss.detach()) * len(x)
             seen += len(x)
         top1 = _top1(ema if ema is not None else model, val_loader, device)
         history.append(top1)
