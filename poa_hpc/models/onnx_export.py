@@ -57,8 +57,12 @@ def export_onnx(model: torch.nn.Module, img_size: int, path: str | Path, *, opse
     return the max abs difference of onnxruntime's output to PyTorch's on a batch of 2 random
     images (``None`` with ``check=False``)."""
     require_onnx()
+    import logging
+
     import onnx
 
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # their INFO lines (one per initializer) are noise here
+        logging.getLogger(name).setLevel(logging.WARNING)
     if opset < 17:
         raise UsageError(f"ONNX opset {opset}: poa_hpc writes opset >= 17")
     path = Path(path)
