@@ -45,6 +45,7 @@ setup(
         "wandb": ["wandb"],  # train.loggers: [wandb]
         "mlflow": ["mlflow"],  # train.loggers: [mlflow]
         "deepspeed": ["deepspeed>=0.16"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript"],  # poa export --format onnx, latency --runtime onnxruntime
         "gpu": ["xformers", "nvidia-dali-cuda120>=1.40", "deepspeed>=0.16", "triton"],
     },
     entry_points={"console_scripts": ["poa=poa_hpc.cli:main"]},

@@ -60,6 +60,12 @@ class SubmitError(UsageError, RuntimeError):
     """``poa submit`` arguments or environment that cannot make a job."""
 
 
+class ExportError(PoaError, RuntimeError):
+    """An exported network does not reproduce PyTorch's output (e.g. ONNX beyond the tolerance)."""
+
+    exit_code = EXIT_CRASH
+
+
 class NonFiniteLossError(PoaError, RuntimeError):
     """The loss became NaN/inf: exit code 3."""
 

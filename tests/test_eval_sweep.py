@@ -406,7 +406,8 @@ def test_plot_with_reference_and_named_sizes(tmp_path):
     spec = get_backbone("vit")
     named = {s: n for n, s in spec.named_sizes(arch).items()}
     rows = [SweepRow(f"vit_{s}", named.get(s, ""), s.width, s.depth, spec.params(arch, s) / 1e6,
-                     spec.gflops(arch, s, img_size=224), 60 + s.width / 50 + s.depth / 3, 62 + s.width / 50, 0.1)
+                     spec.gflops(arch, s, img_size=224), {"knn_top1": 60 + s.width / 50 + s.depth / 3,
+                                                          "linear_top1": 62 + s.width / 50, "linear_lr": 0.1})
             for s in spec.space(arch).all()]
     ref = read_reference("benchmarks/reference/poa_paper_vit.csv")
     path = plot_sweep(rows, tmp_path / "p.png", title="test", reference=ref, reference_label="paper",

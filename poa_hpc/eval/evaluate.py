@@ -6,11 +6,8 @@ from dataclasses import dataclass
 from typing import Iterable, List, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 from poa_hpc.config import POAConfig
-from poa_hpc.data.loader import build_eval_datasets
-from poa_hpc.eval.knn import extract_features, weighted_knn
 from poa_hpc.models.registry import get_backbone
 from poa_hpc.models.subnets import depth_str
 
@@ -34,19 +31,21 @@ def dense_cost(model, img_size: int):
 
 def knn_evaluate(models: Iterable[tuple[str, torch.nn.Module]], cfg: POAConfig, device: torch.device | str = "cpu",
                  batch_size: int = 256) -> List[KnnRow]:
-    """Weighted k-NN top-1 (k = eval.knn_k, T = eval.knn_temperature) of each model's [CLS] features."""
-    train_ds, val_ds, num_classes = build_eval_datasets(cfg)
-    loaders = [DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0) for ds in (train_ds, val_ds)]
-    img_size = next(iter(loaders[1]))[0].shape[-1]
-    rows = []
-    for name, model in models:
-        model = model.to(device).eval()
-        tr_f, tr_y = extract_features(model, loaders[0], device)
-        va_f, va_y = extract_features(model, loaders[1], device)
-        top1 = weighted_knn(tr_f, tr_y, va_f, va_y, cfg.eval.knn_k, cfg.eval.knn_temperature, num_classes)
-        sub, params, gflops = dense_cost(model, img_size)
-        rows.append(KnnRow(name, sub.width, sub.depth, params / 1e6, gflops, top1))
-    return rows
+    """Weighted k-NN top-1 (k = eval.knn_k, T = eval.knn_temperature) of each model's [CLS] features, by the
+    sweep's feature driver (:func:`poa_hpc.eval.sweep.evaluate_networks` with the ``knn`` protocol)."""
+    from poa_hpc.eval.sweep import default_protocols, eval_splits, evaluate_networks
+
+    models = [(name, model.to(device).eval()) for name, model in models]
+    train_ds, val_ds, num_classes, _ = eval_splits(cfg)
+    img_size = int(val_ds[0][0].shape[-1])
+    costs = [dense_cost(m, img_size) for _, m in models]
+    dims = [get_backbone(m.family).feature_dim(m.arch, sub.width) for (_, m), (sub, _, _) in zip(models, costs)]
+    extractors = [lambda x, m=m: m(x, features=True) for _, m in models]
+    values = evaluate_networks(extractors, train_ds, val_ds, num_classes, feature_dims=dims,
+                               protocols=default_protocols(True, False, cfg=cfg), batch_size=batch_size,
+                               device=device, progress=False)
+    return [KnnRow(name, sub.width, sub.depth, params / 1e6, gflops, v["knn_top1"])
+            for (name, _), (sub, params, gflops), v in zip(models, costs, values)]
 
 
 def format_table(rows: Sequence[KnnRow], title: str = "") -> str:

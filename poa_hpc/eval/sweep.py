@@ -8,9 +8,11 @@ as ``poa eval knn`` on extracted files) and the linear probe of :mod:`poa_hpc.ev
 When the features of all sub-networks would not fit in ``max_feature_gb``, the sub-networks are
 split into groups and the data is read once per group.
 
-Results are rows (sub-network, width, depth, params, GFLOPs, k-NN, linear), written as
-``sweep.json`` (rows and provenance), ``sweep.csv`` and ``sweep.png`` (accuracy against GFLOPs,
-Pareto front, named sizes; :mod:`poa_hpc.eval.plot`, needs matplotlib).
+What runs on each sub-network are evaluation protocols (:mod:`poa_hpc.eval.protocols`: ``knn`` and
+``linear`` on the cached features, ``latency`` on the dense extracted network, ...).  Results are
+rows (sub-network, width, depth, params, GFLOPs, then each protocol's columns), written as
+``sweep.json`` (rows and provenance), ``sweep.csv`` and ``sweep.png`` (each protocol metric against
+GFLOPs and the measured costs, Pareto front, named sizes; :mod:`poa_hpc.eval.plot`, needs matplotlib).
 """
 
 from __future__ import annotations
@@ -33,45 +35,70 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from poa_hpc.config import POAConfig
 from poa_hpc.data.loader import build_eval_datasets
 from poa_hpc.eval.knn import knn_features, weighted_knn
-from poa_hpc.eval.linear import BATCH_SIZE, LR_GRID, LinearProbeResult, linear_probe, probe_features
+from poa_hpc.eval.linear import LR_GRID, probe_features
+from poa_hpc.eval.protocols import BASE_COLUMNS, Column, NetFeatures, Protocol, format_value, get_protocol
 from poa_hpc.models.registry import get_backbone
 from poa_hpc.models.subnets import Subnet, depth_str
 
-__all__ = ["SweepRow", "NetResult", "CSV_COLUMNS", "resolve_subnets", "subsample_per_class", "eval_splits",
-           "collect_features", "evaluate_networks", "score", "run_sweep", "write_results", "format_sweep_table",
-           "warn_grid_edge"]
+__all__ = ["SweepRow", "CSV_COLUMNS", "sweep_columns", "default_protocols", "resolve_subnets", "subsample_per_class", "eval_splits",
+           "collect_features", "evaluate_networks", "run_sweep", "write_results", "format_sweep_table",
+           "measure_networks", "dense_network"]
 
-#: Columns of ``sweep.csv`` (and keys of each row in ``sweep.json``).
+#: Columns of ``sweep.csv`` with the default protocols (knn, linear); see :func:`sweep_columns`.
 CSV_COLUMNS = ("name", "named", "width", "depth", "params_m", "gflops", "knn_top1", "linear_top1", "linear_lr")
 
 Extractor = Callable[[Tensor], Dict[str, Tensor]]
+#: A protocol with its options.
+Run = Tuple[Protocol, Dict[str, Any]]
 
 
-@dataclass
 class SweepRow:
-    name: str  # <family>_<WxD>, as the files of `poa extract`
-    named: str  # the family's name for it (ViT-S) or ""
-    width: int
-    depth: Any  # int, or per-stage block counts
-    params_m: float
-    gflops: float  # at the evaluation image size
-    knn_top1: Optional[float]
-    linear_top1: Optional[float]
-    linear_lr: Optional[float]
-    linear_per_lr: Optional[Dict[float, float]] = None  # val top-1 of every learning rate (JSON only)
+    """One sub-network: its size columns and ``values`` (each protocol's columns), also readable as
+    attributes (``row.knn_top1``; ``None`` where no protocol wrote that column)."""
+
+    def __init__(self, name: str, named: str, width: int, depth: Any, params_m: float, gflops: float,
+                 values: Optional[Dict[str, Any]] = None):
+        self.name, self.named, self.width, self.depth = name, named, width, depth  # name: <family>_<WxD>
+        self.params_m, self.gflops = params_m, gflops  # gflops: at the evaluation image size
+        self.values: Dict[str, Any] = dict(values or {})
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__") or key == "values":
+            raise AttributeError(key)
+        return self.values.get(key)
+
+    def get(self, key: str) -> Any:
+        return getattr(self, key) if key in ("name", "named", "width", "depth", "params_m", "gflops") else self.values.get(key)
 
     def as_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["depth"] = depth_str(self.depth)
-        if self.linear_per_lr is not None:
-            d["linear_per_lr"] = {f"{k:g}": v for k, v in self.linear_per_lr.items()}
+        d = {"name": self.name, "named": self.named, "width": self.width, "depth": depth_str(self.depth),
+             "params_m": self.params_m, "gflops": self.gflops}
+        for k, v in self.values.items():
+            d[k] = {f"{a:g}": b for a, b in v.items()} if k == "linear_per_lr" and v is not None else v
         return d
 
+    def __repr__(self) -> str:
+        return f"SweepRow({self.as_dict()})"
 
-@dataclass
-class NetResult:
-    knn_top1: Optional[float]
-    linear: Optional[LinearProbeResult]
+
+def default_protocols(knn: bool = True, linear: bool = True, *, cfg: Optional[POAConfig] = None,
+                      lrs: Sequence[float] = LR_GRID, epochs: int = 100, seed: int = 0) -> List[Run]:
+    """The k-NN (``cfg.eval`` k and T) and linear-probe protocols with these options."""
+    runs: List[Run] = []
+    if knn:
+        runs.append((get_protocol("knn"), {"k": cfg.eval.knn_k if cfg else 20,
+                                           "temperature": cfg.eval.knn_temperature if cfg else 0.07}))
+    if linear:
+        runs.append((get_protocol("linear"), {"lrs": tuple(lrs), "epochs": epochs, "seed": seed}))
+    return runs
+
+
+def sweep_columns(runs: Sequence[Run]) -> List[Column]:
+    """The base columns, then each protocol's, in order."""
+    cols = list(BASE_COLUMNS)
+    for p, opts in runs:
+        cols += [c for c in p.columns(opts) if c.key not in {x.key for x in cols}]
+    return cols
 
 
 def resolve_subnets(family: str, arch: Any, text: str) -> List[Subnet]:
@@ -150,11 +177,7 @@ def evaluate_networks(
     num_classes: int,
     *,
     feature_dims: Sequence[int],
-    knn: Optional[Tuple[int, float]] = (20, 0.07),
-    linear: bool = True,
-    lrs: Sequence[float] = LR_GRID,
-    epochs: int = 100,
-    seed: int = 0,
+    protocols: Sequence[Run],
     batch_size: int = 256,
     num_workers: int = 0,
     device: Optional[torch.device | str] = None,
@@ -162,15 +185,18 @@ def evaluate_networks(
     progress: bool = True,
     log: Callable[[str], None] = print,
     timings: Optional[Dict[str, float]] = None,
-) -> List[NetResult]:
-    """k-NN (``knn=(k, T)``, or None) and linear-probe scores of every extractor (``x -> dict`` with
-    ``x_norm_clstoken`` and ``x_norm_patchtokens``).
+) -> List[Dict[str, Any]]:
+    """The one feature driver: the values of every feature protocol in ``protocols`` (``[(protocol,
+    opts)]``) for every extractor (``x -> dict`` with ``x_norm_clstoken`` and ``x_norm_patchtokens``).
 
     ``feature_dims`` (the [CLS] width of each extractor) only sizes the feature memory: extractors are
     grouped so that one group's features (train + val, [CLS] and pooled patch tokens, float32) stay
     under ``max_feature_gb``; the data is read once per group.  ``timings`` (if given) receives the
     seconds spent on ``features`` and on ``scores``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    runs = [(p, o) for p, o in protocols if "features" in p.needs]
+    if not runs:
+        return [{} for _ in extractors]
     n_img = len(train) + len(val)
     per_net = [n_img * 2 * d * 4 for d in feature_dims]
     budget = max_feature_gb * 1024 ** 3
@@ -183,9 +209,10 @@ def evaluate_networks(
         log(f"features of {len(extractors)} networks need {sum(per_net) / 1024 ** 3:.1f} GB > --max-feature-gb "
             f"{max_feature_gb:g}: {len(groups)} passes over the data")
     loaders = [DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers) for ds in (train, val)]
-    results: List[Optional[NetResult]] = [None] * len(extractors)
+    results: List[Dict[str, Any]] = [{} for _ in extractors]
     n_batches = sum(len(dl) for dl in loaders)
     spent = {"features": 0.0, "scores": 0.0}
+    what = " + ".join(p.name for p, _ in runs)
     for g, group in enumerate(groups):
         fns = [extractors[i] for i in group]
         of = f" (pass {g + 1}/{len(groups)})" if len(groups) > 1 else ""
@@ -195,33 +222,48 @@ def evaluate_networks(
             va_f, va_y, _ = collect_features(fns, loaders[1], device, bar)
         t1 = time.perf_counter()
         spent["features"] += t1 - t0
-        with _progress(len(group), ("k-NN + linear" if linear else "k-NN") + of, progress, "net") as bar:
+        with _progress(len(group), what + of, progress, "net") as bar:
             for j, i in enumerate(group):
-                results[i] = score(tr_f[j], tr_y, va_f[j], va_y, cls_dims[j], num_classes, knn=knn, linear=linear,
-                                   lrs=lrs, epochs=epochs, seed=seed, device=device)
+                feats = NetFeatures(tr_f[j], tr_y, va_f[j], va_y, cls_dims[j], num_classes, device)
+                for p, opts in runs:
+                    results[i].update(p.score(feats, opts))
                 tr_f[j] = va_f[j] = None  # free as we go
                 bar.update(1)
         spent["scores"] += time.perf_counter() - t1
     if timings is not None:
         timings.update(spent)
-    return results  # type: ignore[return-value]
+    return results
 
 
-def score(tr_f: Tensor, tr_y: Tensor, va_f: Tensor, va_y: Tensor, cls_dim: int, num_classes: int, *,
-          knn: Optional[Tuple[int, float]], linear: bool, lrs: Sequence[float], epochs: int, seed: int,
-          device: torch.device) -> NetResult:
-    """Weighted k-NN on the L2-normalised [CLS] columns and the linear probe on all columns."""
-    top1 = None
-    if knn is not None:
-        k, T = knn
-        train_k = knn_features(tr_f[:, :cls_dim].contiguous()).to(device)
-        val_k = knn_features(va_f[:, :cls_dim].contiguous()).to(device)
-        top1 = weighted_knn(train_k, tr_y.to(device), val_k, va_y.to(device), k, T, num_classes)
-    probe = None
-    if linear:
-        probe = linear_probe(tr_f.to(device), tr_y, va_f.to(device), va_y, num_classes, lrs=lrs, epochs=epochs,
-                             seed=seed)
-    return NetResult(top1, probe)
+def dense_network(backbone: torch.nn.Module, arch: Any, sub: Subnet) -> torch.nn.Module:
+    """The dense extracted network of ``sub`` (what ``poa extract`` writes), in eval mode on the CPU."""
+    from poa_hpc.models.extract import extract_state_dict
+
+    dense_arch, state = extract_state_dict(backbone, sub, arch)
+    model = get_backbone(backbone.family).build_dense(dense_arch)
+    model.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
+    return model.eval()
+
+
+def measure_networks(models: Sequence[Callable[[], torch.nn.Module]], img_size: int, protocols: Sequence[Run], *,
+                     progress: bool = True, timings: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+    """The values of every model protocol for each network (``models``: builders of the dense networks,
+    called one at a time so one network is in memory)."""
+    runs = [(p, o) for p, o in protocols if "model" in p.needs]
+    results: List[Dict[str, Any]] = [{} for _ in models]
+    if not runs:
+        return results
+    t0 = time.perf_counter()
+    with _progress(len(models), " + ".join(p.name for p, _ in runs), progress, "net") as bar:
+        for i, build in enumerate(models):
+            model = build()
+            for p, opts in runs:
+                results[i].update(p.measure(model, img_size, opts))
+            del model
+            bar.update(1)
+    if timings is not None:
+        timings["models"] = time.perf_counter() - t0
+    return results
 
 
 # ------------------------------------------------------------------ the sweep
@@ -236,6 +278,7 @@ def run_sweep(
     train_per_class: int = 0,
     knn: bool = True,
     linear: bool = True,
+    protocols: Optional[Sequence[Run]] = None,
     lrs: Sequence[float] = LR_GRID,
     epochs: int = 100,
     seed: int = 0,
@@ -249,11 +292,12 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> List[SweepRow]:
     """Evaluate ``subnets`` of the elastic ``backbone`` (a family's ``ElasticBackbone``, e.g. the
-    teacher) on ``cfg``'s evaluation data (``data.*``, ``eval.*``); write ``sweep.json``,
-    ``sweep.csv`` and ``sweep.png`` under ``out_dir`` when given.  Returns one row per sub-network,
-    in the order given.  ``reference`` (rows of :func:`poa_hpc.eval.plot.read_reference`) is drawn
-    as a second series on the plot.  The backbone is put in eval mode on ``device`` (default: CUDA
-    when available) and left there."""
+    teacher) on ``cfg``'s evaluation data (``data.*``, ``eval.*``) with ``protocols`` (``[(protocol,
+    opts)]``; default: k-NN and/or the linear probe as ``knn`` / ``linear`` and ``lrs``, ``epochs``,
+    ``seed`` say); write ``sweep.json``, ``sweep.csv`` and ``sweep.png`` under ``out_dir`` when given.
+    Returns one row per sub-network, in the order given.  ``reference`` (rows of
+    :func:`poa_hpc.eval.plot.read_reference`) is drawn as a second series on the plot.  The backbone is
+    put in eval mode on ``device`` (default: CUDA when available) and left there."""
     t0 = time.perf_counter()
     family = backbone.family
     spec, arch = get_backbone(family), cfg.model.section
@@ -262,40 +306,47 @@ def run_sweep(
         space.check(sub)
     if not subnets:
         raise ValueError("no sub-networks to evaluate")
+    runs = list(protocols) if protocols is not None else default_protocols(knn, linear, cfg=cfg, lrs=lrs,
+                                                                            epochs=epochs, seed=seed)
+    if not runs:
+        raise ValueError("no evaluation protocol to run")
+    need_features = any("features" in p.needs for p, _ in runs)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train, val, num_classes, n_train_total = eval_splits(cfg, train_per_class, seed)
     img_size = int(val[0][0].shape[-1])
     costs = [spec.gflops(arch, s, img_size=img_size) for s in subnets]
     dims = [spec.feature_dim(arch, s.width) for s in subnets]
     n_img, n_sub = len(train) + len(val), len(subnets)
-    feat_gb = sum(n_img * 2 * d * 4 for d in dims) / 1024 ** 3
-    log(f"sweep: {n_img:,} images ({len(train):,} train + {len(val):,} val, {cfg.data.eval_root or cfg.data.dataset} at {img_size} px) x "
-        f"{n_sub} sub-networks = {n_img * n_sub:,} forward passes (~{n_img * sum(costs):,.0f} GFLOPs); "
-        f"features {feat_gb:.2f} GB; on {device}")
+    names_run = ", ".join(p.name for p, _ in runs)
+    if need_features:
+        feat_gb = sum(n_img * 2 * d * 4 for d in dims) / 1024 ** 3
+        log(f"sweep ({names_run}): {n_img:,} images ({len(train):,} train + {len(val):,} val, {cfg.data.eval_root or cfg.data.dataset} at "
+            f"{img_size} px) x {n_sub} sub-networks = {n_img * n_sub:,} forward passes (~{n_img * sum(costs):,.0f} "
+            f"GFLOPs); features {feat_gb:.2f} GB; on {device}")
+    else:
+        log(f"sweep ({names_run}): {n_sub} sub-networks at {img_size} px")
 
     backbone = backbone.to(device).eval()
     timings: Dict[str, float] = {}
     extractors = [lambda x, s=s: backbone(x, s.width, s.depth, features=True) for s in subnets]
     workers = cfg.data.num_workers if num_workers is None else num_workers
-    results = evaluate_networks(
-        extractors, train, val, num_classes, feature_dims=dims,
-        knn=(cfg.eval.knn_k, cfg.eval.knn_temperature) if knn else None, linear=linear, lrs=lrs, epochs=epochs,
-        seed=seed, batch_size=batch_size, num_workers=workers, device=device, max_feature_gb=max_feature_gb,
-        progress=progress, log=log, timings=timings)
+    values = evaluate_networks(
+        extractors, train, val, num_classes, feature_dims=dims, protocols=runs, batch_size=batch_size,
+        num_workers=workers, device=device, max_feature_gb=max_feature_gb, progress=progress, log=log,
+        timings=timings)
+    measured = measure_networks([lambda s=s: dense_network(backbone, arch, s) for s in subnets], img_size, runs,
+                                progress=progress, timings=timings)
 
     names = {sub: name for name, sub in spec.named_sizes(arch).items()}
     rows = []
-    for sub, cost, res in zip(subnets, costs, results):
-        rows.append(SweepRow(
-            name=f"{family}_{sub}", named=names.get(sub, ""), width=sub.width, depth=sub.depth,
-            params_m=spec.params(arch, sub) / 1e6, gflops=cost, knn_top1=res.knn_top1,
-            linear_top1=res.linear.top1 if res.linear else None, linear_lr=res.linear.lr if res.linear else None,
-            linear_per_lr=res.linear.per_lr if res.linear else None))
+    for sub, cost, v, m in zip(subnets, costs, values, measured):
+        rows.append(SweepRow(f"{family}_{sub}", names.get(sub, ""), sub.width, sub.depth,
+                             spec.params(arch, sub) / 1e6, cost, {**v, **m}))
     seconds = time.perf_counter() - t0
-    log(f"sweep: {n_sub} sub-networks evaluated in {seconds:.1f} s (features {timings['features']:.1f} s, "
-        f"{'k-NN + linear' if linear else 'k-NN'} {timings['scores']:.1f} s)")
-    if linear:
-        warn_grid_edge(rows, lrs, log)
+    log(f"sweep: {n_sub} sub-networks evaluated in {seconds:.1f} s ("
+        + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ")")
+    for p, opts in runs:
+        p.after(rows, opts, log)
     if out_dir is not None:
         provenance = {
             "checkpoint": source, "step": step, "family": family, "model": dataclasses.asdict(arch),
@@ -303,44 +354,36 @@ def run_sweep(
                         "root": cfg.data.eval_root or (cfg.data.root if cfg.data.dataset != "digits" else ""),
                         "image_size": img_size, "num_classes": num_classes, "n_train": len(train),
                         "n_train_total": n_train_total, "n_val": len(val), "train_per_class": train_per_class or None},
-            "knn": {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature,
-                    "features": "final-norm [CLS], L2-normalised"} if knn else None,
-            "linear": {"features": "concat(final-norm [CLS], mean of final-norm patch tokens), last block",
-                       "standardized": True, "lr_grid": list(lrs), "epochs": epochs, "batch_size": BATCH_SIZE,
-                       "optimizer": "SGD momentum 0.9, no weight decay, cosine decay",
-                       "selection": "best learning rate on val (as DINOv2)", "seed": seed} if linear else None,
+            "protocols": [p.name for p, _ in runs],
+            **{n: None for n in ("knn", "linear")},
+            **{p.name: p.provenance(opts) for p, opts in runs},
             "gflops": f"multiply-accumulates per image at {img_size} px",
             "seconds": {"total": round(seconds, 2), **{k: round(v, 2) for k, v in timings.items()}},
         }
-        write_results(rows, out_dir, provenance, reference=reference, reference_label=reference_label, log=log)
+        write_results(rows, out_dir, provenance, reference=reference, reference_label=reference_label, log=log,
+                      protocols=runs)
     return rows
-
-
-def warn_grid_edge(rows: Sequence[SweepRow], lrs: Sequence[float], log: Callable[[str], None]) -> None:
-    """One line when the best learning rate of some rows is the grid's smallest or largest value."""
-    if len(lrs) < 2:
-        return
-    edge = [r.name for r in rows if r.linear_lr in (min(lrs), max(lrs))]
-    if edge:
-        log(f"linear probe: the best learning rate is at the edge of the grid {list(lrs)} for {len(edge)} of "
-            f"{len(rows)} networks ({', '.join(edge[:3])}{', ...' if len(edge) > 3 else ''}); consider widening --lrs")
 
 
 # ------------------------------------------------------------------ outputs
 def write_results(rows: Sequence[SweepRow], out_dir: str | Path, provenance: Dict[str, Any], *,
                   reference: Optional[List[Dict[str, Any]]] = None, reference_label: str = "reference",
-                  log: Callable[[str], None] = print) -> Dict[str, Path]:
-    """``sweep.json`` (rows + provenance), ``sweep.csv`` and, with matplotlib, ``sweep.png``."""
+                  log: Callable[[str], None] = print, protocols: Optional[Sequence[Run]] = None,
+                  x_axes: Optional[Sequence[str]] = None) -> Dict[str, Path]:
+    """``sweep.json`` (rows + provenance), ``sweep.csv`` (the protocols' columns) and, with matplotlib,
+    ``sweep.png`` (one panel per metric and x-axis: GFLOPs, then each measured cost)."""
+    runs = list(protocols) if protocols is not None else default_protocols()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "sweep.json", "csv": out / "sweep.csv"}
     dicts = [r.as_dict() for r in rows]
     paths["json"].write_text(json.dumps({"rows": dicts, "provenance": provenance}, indent=1) + "\n")
+    csv_cols = [c.key for c in sweep_columns(runs) if not c.json_only]
     with paths["csv"].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=csv_cols)
         w.writeheader()
         for d in dicts:
-            w.writerow({k: ("" if d[k] is None else d[k]) for k in CSV_COLUMNS})
+            w.writerow({k: ("" if d.get(k) is None else d[k]) for k in csv_cols})
     try:
         from poa_hpc.eval.plot import plot_sweep
 
@@ -348,32 +391,33 @@ def write_results(rows: Sequence[SweepRow], out_dir: str | Path, provenance: Dic
         title = (f"{provenance.get('family', '')}: {len(rows)} sub-networks, {ds.get('name', '')} val"
                  + (f" ({ds.get('n_train')} train images)" if ds.get("n_train") else "")
                  + (f", step {provenance['step']}" if provenance.get("step") is not None else ""))
-        paths["png"] = plot_sweep(rows, out / "sweep.png", title=title, reference=reference,
-                                  reference_label=reference_label, img_size=ds.get("image_size"),
-                                  knn=provenance.get("knn"))
+        metrics = [m for p, o in runs for m in p.metrics(o)]
+        costs = [c for p, o in runs for c in p.costs(o) if not c.higher_is_better]
+        if metrics:
+            paths["png"] = plot_sweep(rows, out / "sweep.png", title=title, reference=reference,
+                                      reference_label=reference_label, img_size=ds.get("image_size"),
+                                      knn=provenance.get("knn"), metrics=metrics,
+                                      x_axes=list(x_axes) if x_axes else ["gflops", *(c.key for c in costs)],
+                                      cost_labels={c.key: c.label for p, o in runs for c in p.costs(o)})
     except ImportError:
         log("sweep.png not written: the plot needs matplotlib (pip install 'poa_hpc[plot]')")
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return paths
 
 
-def format_sweep_table(rows: Sequence[SweepRow], title: str = "") -> str:
-    """The rows as a text table; the k-NN and linear columns only where some row has them."""
-    has_knn = any(r.knn_top1 is not None for r in rows)
-    has_lin = any(r.linear_top1 is not None for r in rows)
-
-    def pct(v: Optional[float]) -> str:
-        return "-" if v is None or math.isnan(v) else f"{v:.2f}%"
-
+def format_sweep_table(rows: Sequence[SweepRow], title: str = "", protocols: Optional[Sequence[Run]] = None) -> str:
+    """The rows as a text table: the size columns (GFLOPs included), then the protocols' columns where
+    some row has a value (default protocols: k-NN and linear)."""
+    runs = list(protocols) if protocols is not None else default_protocols()
+    cols = [c for c in sweep_columns(runs)[6:] if not c.json_only and any(r.get(c.key) is not None for r in rows)]
     head = f"{'sub-network':<22}{'name':<8}{'width':>6}{'depth':>10}{'params(M)':>11}{'GFLOPs':>10}"
-    head += f"{'k-NN':>9}" * has_knn + (f"{'linear':>9}{'lr':>8}" if has_lin else "")
+    widths = [max(9, len(c.header) + 2) for c in cols]
+    head += "".join(f"{c.header:>{w}}" for c, w in zip(cols, widths))
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     for r in rows:
         line = (f"{r.name:<22}{r.named:<8}{r.width:>6}{depth_str(r.depth):>10}{r.params_m:>11.3f}"
                 f"{r.gflops:>10.4f}")
-        line += f"{pct(r.knn_top1):>9}" * has_knn
-        if has_lin:
-            line += f"{pct(r.linear_top1):>9}{(f'{r.linear_lr:g}' if r.linear_lr is not None else '-'):>8}"
+        line += "".join(f"{format_value(c, r.get(c.key)):>{w}}" for c, w in zip(cols, widths))
         lines.append(line)
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from typing import List
 from poa_hpc.commands import register_command
 from poa_hpc.errors import UsageError
 
-EXPORT_FORMATS = ("timm", "safetensors")
+EXPORT_FORMATS = ("timm", "safetensors", "onnx")
 
 
 def add_subnet_arguments(p: argparse.ArgumentParser, subnet_help: str) -> None:
@@ -119,6 +119,15 @@ def write_export(fmt: str, out: Path, family: str, arch, state, sub, prov: dict,
     if fmt == "safetensors":
         return str(save_subnet(stem.with_suffix(".safetensors"), family, arch, state, width=sub.width,
                                depth=sub.depth, step=prov["step"], source=prov["source"], config=prov["config"]))
+    if fmt == "onnx":
+        from poa_hpc.models.onnx_export import export_onnx
+        from poa_hpc.models.registry import get_backbone
+
+        dense = get_backbone(family).build_dense(arch)
+        dense.load_state_dict(state)
+        size = img_size or getattr(arch, "img_size", None) or 224
+        diff = export_onnx(dense, size, stem.with_suffix(".onnx"))
+        return f"{stem.with_suffix('.onnx')}  (input {size} px, onnxruntime vs PyTorch max abs diff {diff:.2e})"
     try:
         weights, info = export_timm(stem, family, arch, state, img_size=img_size, run=prov["run"],
                                     step=prov["step"], width=sub.width, depth=sub.depth)
@@ -129,14 +138,14 @@ def write_export(fmt: str, out: Path, family: str, arch, state, sub, prov: dict,
 
 @register_command("export")
 class ExportCommand:
-    """write sub-networks as timm models (safetensors + JSON) or poa_hpc files"""
+    """write sub-networks as timm models (safetensors + JSON), ONNX or poa_hpc files"""
 
     @staticmethod
     def add_arguments(x: argparse.ArgumentParser) -> None:
         x.add_argument("source", help="run folder / training checkpoint, or one extracted .safetensors file")
         x.add_argument("--format", choices=EXPORT_FORMATS, default="timm",
                        help="timm: state dict + JSON for timm.create_model; safetensors: poa_hpc files "
-                            "(as poa extract)")
+                            "(as poa extract); onnx: opset 18, dynamic batch, checked against PyTorch with onnxruntime")
         add_subnet_arguments(x, "WIDTHxDEPTH or a named size (ViT-S), repeatable")
         x.add_argument("--img-size", type=int, help="input size the timm model is built for (default: the native size)")
         x.add_argument("--branch", choices=("teacher", "student"), default="teacher")
