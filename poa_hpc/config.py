@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from poa_hpc.data.registry import dataset_names, get_dataset
 from poa_hpc.distributed.registry import engine_names
 from poa_hpc.errors import ConfigError, UsageError
-from poa_hpc.data.registry import dataset_names, get_dataset
 from poa_hpc.models.registry import backbone_names, get_backbone
 
 __all__ = ["POAConfig", "ModelConfig", "load_config", "packaged_config", "from_dict", "to_dict", "to_yaml", "flatten"]
@@ -55,7 +55,8 @@ ModelConfig = _model_config_cls()
 
 @dataclass
 class HeadConfig:
-    prototypes: List[int] = field(default_factory=lambda: [8192, 16384, 32768, 65536])  # prototype counts K of the heads (one head per entry, multi-head as the paper)
+    # prototype counts K of the heads (one head per entry, multi-head as the paper)
+    prototypes: List[int] = field(default_factory=lambda: [8192, 16384, 32768, 65536])
     hidden_dim: int = 2048  # hidden width of each head's MLP
     bottleneck_dim: int = 256  # width before the prototype layer
     nlayers: int = 3  # MLP layers of each head

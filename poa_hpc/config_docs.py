@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import re
 import tokenize
-from functools import lru_cache
+from functools import cache
 from io import StringIO
 from typing import Any, Dict, Optional
 
@@ -22,7 +22,7 @@ __all__ = ["key_docs", "field_comments", "commented_yaml", "ConfigShowCommand"]
 _FIELD = re.compile(r"^\s*(?:\(\s*[\"'](\w+)[\"']\s*,|(\w+)\s*:)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_comments(cls: type) -> Dict[str, str]:
     """Field name -> doc for ``cls`` and the dataclasses it derives from (``DataConfig`` is made from
     ``_DataFields`` plus the registered datasets' sections)."""
@@ -88,7 +88,7 @@ def key_docs(cfg_cls: Optional[type] = None, prefix: str = "") -> Dict[str, str]
         else:
             docs[key] = comments.get(f.name, "")
     if prefix == "data.":  # the dataset sections are added by the registry (poa_hpc/data/registry.py)
-        from poa_hpc.data.registry import dataset_names, get_dataset
+        from poa_hpc.data.registry import dataset_names
 
         for name in dataset_names():
             if f"data.{name}" in docs and not docs[f"data.{name}"]:

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from poa_hpc.config import load_config
 from poa_hpc.data.loader import build_eval_datasets

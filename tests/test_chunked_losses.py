@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from poa_hpc.losses import dino_cross_view_loss, ibot_patch_loss, koleo_loss, same_view_loss, sinkhorn_knopp
 from poa_hpc.losses.chunked import Group, Logits, SinkhornTargets, Term, head_loss
 from poa_hpc.models.subnets import Subnet
-
 from test_losses import sk_reference
 from test_meta_arch import batch, floats, make, tiny_cfg
 

@@ -21,12 +21,12 @@ from torchvision.transforms import functional as TF
 
 pytest.importorskip("nvidia.dali")
 
-from poa_hpc.errors import ConfigError
+from images import denormalize  # noqa: E402
 from poa_hpc.config import load_config  # noqa: E402
 from poa_hpc.data import build_train_loader  # noqa: E402
 from poa_hpc.data import dali as D  # noqa: E402
-from images import denormalize  # noqa: E402
 from poa_hpc.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, multicrop_view_specs  # noqa: E402
+from poa_hpc.errors import ConfigError
 
 GLOBAL, LOCAL, N_LOCAL, B = 64, 32, 4, 4
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from poa_hpc.errors import ConfigError
+from images import denormalize
 from poa_hpc.config import POAConfig
 from poa_hpc.data import (
     IMAGENET_MEAN,
@@ -32,8 +32,8 @@ from poa_hpc.data import (
     load_image,
     seeded_rng,
 )
-from images import denormalize
 from poa_hpc.data.transforms import blur_kernel_size
+from poa_hpc.errors import ConfigError
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

@@ -13,8 +13,8 @@ import json
 import pytest
 
 from backbones import tiny
-from runs import (IBOT_FROM_START, RUN, SAME_AS_ONE_PROCESS, ZERO3_SMALL, assert_same_run, assert_same_weights,
-                  train as _train)
+from runs import IBOT_FROM_START, RUN, SAME_AS_ONE_PROCESS, ZERO3_SMALL, assert_same_run, assert_same_weights
+from runs import train as _train
 
 pytestmark = pytest.mark.slow  # real 2-process runs (torchrun, gloo): minutes in all
 

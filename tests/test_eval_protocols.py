@@ -3,7 +3,6 @@ implementation before the move (a frozen copy of it below), the columns follow t
 latency timer's bookkeeping on a module of known cost, and `poa select` against a brute force."""
 
 import json
-import math
 import random
 import statistics
 import time
@@ -14,12 +13,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from backbones import tiny
+from poa_hpc.checkpoint.layout import atomic_save
 from poa_hpc.config import load_config, to_dict
 from poa_hpc.eval.latency import summarize, time_runs
 from poa_hpc.eval.protocols import get_protocol, resolve_protocols
 from poa_hpc.eval.sweep import default_protocols, eval_splits, run_sweep
-from poa_hpc.models.registry import get_backbone
-from poa_hpc.train.checkpoint import atomic_save
 from poa_hpc.train.meta_arch import POA
 
 
@@ -114,8 +112,8 @@ def test_columns_and_panels_follow_the_protocols(tmp_path):
     lat = get_protocol("latency")
     runs = [default_protocols(True, False, cfg=cfg)[0],
             (lat, {"runtimes": ("eager",), "threads": 1, "batch": 4, "warmup": 1, "runs": 3, "device": "cpu"})]
-    rows = run_sweep(cfg, backbone, [min(space.all()), space.intact], tmp_path / "out", protocols=runs,
-                     train_per_class=10, progress=False, log=lambda s: None, num_workers=0, device="cpu")
+    run_sweep(cfg, backbone, [min(space.all()), space.intact], tmp_path / "out", protocols=runs,
+              train_per_class=10, progress=False, log=lambda s: None, num_workers=0, device="cpu")
     with (tmp_path / "out" / "sweep.csv").open() as f:
         cols = csv.DictReader(f).fieldnames
     assert cols == ["name", "named", "width", "depth", "params_m", "gflops", "knn_top1", "latency_ms_eager",

@@ -7,7 +7,6 @@ from poa_hpc.models.extract import extract_state_dict
 from poa_hpc.models.subnets import Subnet
 from poa_hpc.models.vit import build_vit
 from poa_hpc.train.trainer import autocast_factory
-
 from test_meta_arch import batch, floats, make, tiny_cfg  # noqa: F401
 
 pytestmark = pytest.mark.gpu

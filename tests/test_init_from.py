@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from backbones import tiny
+from poa_hpc.checkpoint.layout import atomic_save
 from poa_hpc.cli import main
 from poa_hpc.config import load_config, to_dict
 from poa_hpc.models.extract import extract_state_dict, load_subnet, save_subnet
 from poa_hpc.models.registry import apply_timm_attributes, get_backbone
 from poa_hpc.models.subnets import Subnet
-from poa_hpc.checkpoint.layout import atomic_save
 from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.trainer import init_from_file
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.runs import ENV, GLOBAL_BATCH, RUN, train
+from tests.runs import ENV, RUN, train
 
 
 def eval_knn(run, step, subs, tmp):

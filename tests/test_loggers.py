@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -158,7 +157,7 @@ def test_a_missing_logger_package_is_one_line_naming_the_extra(tmp_path, monkeyp
 
 
 def test_the_config_names_the_registered_loggers_and_maps_train_tensorboard():
-    from poa_hpc.config import _LOGGERS  # noqa: the schema's list must be the registry's
+    from poa_hpc.config import _LOGGERS  # the schema's list must be the registry's
     from poa_hpc.train.loggers import load_all, logger_names, selected
 
     load_all()

@@ -7,8 +7,8 @@ import torch
 
 from backbones import MODEL
 from poa_hpc.config import load_config
-from poa_hpc.models.subnets import Subnet
 from poa_hpc.models.elastic import block_ids
+from poa_hpc.models.subnets import Subnet
 from poa_hpc.train.meta_arch import POA
 
 

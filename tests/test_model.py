@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poa_hpc.models.heads import DINOHead
 from poa_hpc.models.elastic import ElasticLinear, block_ids
+from poa_hpc.models.heads import DINOHead
 from poa_hpc.models.vit import ElasticViT, ViTArch, build_vit
 
 ARCH = ViTArch(img_size=16, patch_size=4, in_chans=3, embed_dim=48, depth=5, num_heads=6, mlp_ratio=4.0)

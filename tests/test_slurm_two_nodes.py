@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from backbones import tiny
+from poa_hpc.checkpoint.layout import load_checkpoint
 from poa_hpc.cli import main
 from poa_hpc.distributed.env import expand_nodelist
-from poa_hpc.train.checkpoint import load_checkpoint
 from runs import ENV, RUN, SAME_AS_ONE_PROCESS, assert_same_run, assert_same_weights, metrics, train_cmd
 
 pytestmark = pytest.mark.slurm

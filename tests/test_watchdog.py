@@ -10,10 +10,9 @@ import torch
 from poa_hpc.config import load_config
 from poa_hpc.models.subnets import Subnet
 from poa_hpc.train import trainer as trainer_mod
-from poa_hpc.train.watchdog import CollapseWatchdog
-
-from test_losses import sk_reference
 from poa_hpc.train.meta_arch import branch_logits
+from poa_hpc.train.watchdog import CollapseWatchdog
+from test_losses import sk_reference
 from test_meta_arch import batch, floats, make, tiny_cfg
 from test_train import TINY
 

@@ -174,8 +174,8 @@ def watchdog_state(ckpt_path: str) -> Dict[str, Any]:
 def intact_export(workdir: Path, recipe: str) -> Path:
     """The intact teacher of ``recipe``'s finished run extracted as a dense file (``model.init_from`` of a
     recipe with ``init_from_recipe: <recipe>``)."""
-    from poa_hpc.train.load import load_teacher
     from poa_hpc.models.extract import extract_state_dict, save_subnet
+    from poa_hpc.train.load import load_teacher
 
     ckpt = workdir / recipe / "checkpoints" / "last.pt"
     if not ckpt.is_file():

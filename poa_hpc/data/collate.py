@@ -228,7 +228,7 @@ class MultiCropCollator:
         return batch
 
 
-def build_collator(cfg: "POAConfig", global_batch: Optional[int] = None) -> MultiCropCollator:
+def build_collator(cfg: POAConfig, global_batch: Optional[int] = None) -> MultiCropCollator:
     """Collator for ``cfg``: the backbone family's iBOT mask grid for a global crop, mask fields from ``cfg.loss``."""
     grid = get_backbone(cfg.model.arch).mask_grid(cfg.model.section, cfg.data.global_size)
     return MultiCropCollator(

@@ -465,7 +465,7 @@ class DaliMultiCropLoader:
         labels: Sequence[int],
         sampler: StepBatchSampler,
         specs: Sequence[ViewSpec],
-        collator: "MultiCropCollator",
+        collator: MultiCropCollator,
         seed: int,
         device: str = "cpu",
         device_id: Optional[int] = None,
@@ -523,7 +523,7 @@ class DaliMultiCropLoader:
             self._source.close()
         self._pipe, self._source = None, None
 
-    def __iter__(self) -> "DaliMultiCropLoader":
+    def __iter__(self) -> DaliMultiCropLoader:
         return self
 
     def _find_bad_files(self, step: int) -> List[str]:

@@ -203,7 +203,7 @@ class FileListDataset(_PathSamples):
         base = path.resolve().parent
         self.samples: List[Tuple[str, int]] = []
         try:
-            with open(path, "r", encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 lines = f.readlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"key 'data.root': list file '{self.root}' cannot be read as text ({exc}); "
@@ -380,7 +380,7 @@ def _train_dir(cfg: Any, kind: str) -> Path:
     return root / "train" if (root / "train").is_dir() else root
 
 
-def _labelled_split(cfg: Any, root: Path, split: str) -> "_PathSamples":
+def _labelled_split(cfg: Any, root: Path, split: str) -> _PathSamples:
     ds = FolderDataset(root / split)
     if not ds.classes:
         raise DataError(f"key 'data.eval_root': '{root / split}' has images outside class subfolders; "
@@ -390,7 +390,8 @@ def _labelled_split(cfg: Any, root: Path, split: str) -> "_PathSamples":
 
 @register_dataset("folder")
 class _Folder:
-    """Every image under `data.root`, recursively (any format Pillow opens); unlabelled is fine. With class subfolders their names are the labels (evaluation); a `train/` subfolder, if any, is what trains."""
+    """Every image under `data.root`, recursively (any format Pillow opens); unlabelled is fine. With class
+    subfolders their names are the labels (evaluation); a `train/` subfolder, if any, is what trains."""
 
     @staticmethod
     def build(cfg: Any) -> Dataset:
@@ -401,7 +402,8 @@ class _Folder:
 
 @register_dataset("imagefolder")
 class _ImageFolder:
-    """ImageNet layout: `data.root/<class>/**/<image>` (or `data.root/train/<class>/...`); a root without class subfolders is an error naming `data.dataset=folder`."""
+    """ImageNet layout: `data.root/<class>/**/<image>` (or `data.root/train/<class>/...`); a root without class
+    subfolders is an error naming `data.dataset=folder`."""
 
     @staticmethod
     def build(cfg: Any) -> Dataset:

@@ -24,7 +24,6 @@ included, so a W-process run computes the same step as one process.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -109,7 +108,7 @@ class TrainLoader:
     def iters_per_epoch(self) -> int:
         return self.sampler.iters_per_epoch
 
-    def __iter__(self) -> "TrainLoader":
+    def __iter__(self) -> TrainLoader:
         return self
 
     def __next__(self) -> Dict[str, Any]:

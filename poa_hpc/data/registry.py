@@ -58,7 +58,7 @@ def register_dataset(name: str) -> Callable[[type], type]:
             raise ValueError(f"dataset '{name}' is registered twice")
         doc = (cls.__doc__ or "").strip()
         _REGISTRY[name] = DatasetSpec(
-            name=name, description=doc.splitlines()[0] if doc else "", build=cls.build,
+            name=name, description=" ".join(ln.strip() for ln in doc.split("\n\n")[0].splitlines()) if doc else "", build=cls.build,
             config_cls=getattr(cls, "config_cls", None), eval_split=getattr(cls, "eval_split", None))
         return cls
 

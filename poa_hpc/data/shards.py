@@ -29,7 +29,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -244,7 +244,8 @@ class MixedDataset(Dataset):
 
 @register_dataset("shards")
 class _Shards:
-    """Tar shards written by `poa data pack` (WebDataset layout + an index), one `pread` per image; `data.shards.roots`/`weights` mix several packs."""
+    """Tar shards written by `poa data pack` (WebDataset layout + an index), one `pread` per image;
+    `data.shards.roots`/`weights` mix several packs."""
 
     config_cls = ShardsConfig
 

@@ -240,7 +240,7 @@ class EvalTransform:
         return f"EvalTransform(size={self.size})"
 
 
-def build_view_specs(cfg: "POAConfig") -> List[ViewSpec]:
+def build_view_specs(cfg: POAConfig) -> List[ViewSpec]:
     """The views described by ``cfg.data`` (global 1, global 2, locals)."""
     d = cfg.data
     return multicrop_view_specs(
@@ -248,7 +248,7 @@ def build_view_specs(cfg: "POAConfig") -> List[ViewSpec]:
     )
 
 
-def build_multicrop(cfg: "POAConfig") -> MultiCropAugmentation:
+def build_multicrop(cfg: POAConfig) -> MultiCropAugmentation:
     """The training augmentation described by ``cfg.data``."""
     d = cfg.data
     return MultiCropAugmentation(

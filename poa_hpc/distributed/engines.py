@@ -52,12 +52,12 @@ from poa_hpc.checkpoint.layout import (
     retained,
     step_file,
 )
+from poa_hpc.checkpoint.manifest import manifest_path, write_manifest
 from poa_hpc.config import flatten
 from poa_hpc.distributed.env import DistContext, barrier, gather_objects
 from poa_hpc.distributed.registry import engine_class
 from poa_hpc.errors import ConfigError, OutputWriteError
 from poa_hpc.files import atomic_write_text
-from poa_hpc.checkpoint.manifest import manifest_path, write_manifest
 
 MakeOptimizer = Callable[[Iterable[Tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 log = logging.getLogger("poa_hpc.train")

@@ -3,8 +3,7 @@ network).  See :mod:`poa_hpc.eval.protocols` for the interface."""
 
 from __future__ import annotations
 
-import argparse
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Tuple
 
 from poa_hpc.eval.protocols import Column, Cost, Metric, NetFeatures, Protocol, register_protocol
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from poa_hpc.commands import register_command
 from poa_hpc.config import load_config
 from poa_hpc.errors import UsageError
-from poa_hpc.eval.protocols import get_protocol, protocol_names
 from poa_hpc.eval import select as _select  # noqa: F401  (registers `poa select`)
+from poa_hpc.eval.protocols import get_protocol, protocol_names
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,9 +47,9 @@ def _runs(protocols, args, cfg):
 def _subnets_of_checkpoints(args: argparse.Namespace, tmp: Path):
     from poa_hpc.config import to_dict
     from poa_hpc.models.extract import extract_to
-    from poa_hpc.train.load import load_teacher
     from poa_hpc.models.registry import get_backbone
     from poa_hpc.models.subnets import Subnet
+    from poa_hpc.train.load import load_teacher
 
     files = []
     for i, src in enumerate(args.subnets):
@@ -150,7 +150,8 @@ def run_on_files(proto, args: argparse.Namespace) -> int:
             print(f"{proto.name}: {n_img:,} images ({len(train):,} train + {len(val):,} val, {cfg.data.dataset} at "
                   f"{img_size} px) x {len(models)} networks = {n_img * len(models):,} forward passes "
                   f"(~{n_img * sum(c[2] for c in costs):,.0f} GFLOPs)")
-            extractors = [lambda x, m=m.to(device): m(x, features=True) for _, m in models]
+            nets = [m.to(device) for _, m in models]
+            extractors = [lambda x, m=m: m(x, features=True) for m in nets]
             values = evaluate_networks(extractors, train, val, num_classes, feature_dims=dims, protocols=runs,
                                        batch_size=args.batch_size, num_workers=cfg.data.num_workers, device=device,
                                        max_feature_gb=args.max_feature_gb, progress=not args.no_progress)
@@ -209,8 +210,8 @@ class EvalSweepCommand:
         from poa_hpc.eval.plot import read_reference
         from poa_hpc.eval.protocols import resolve_protocols
         from poa_hpc.eval.source import run_folder
-        from poa_hpc.train.load import load_teacher
         from poa_hpc.eval.sweep import format_sweep_table, resolve_subnets, run_sweep
+        from poa_hpc.train.load import load_teacher
 
         _check_data_args(args)
         try:

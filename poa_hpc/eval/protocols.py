@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 __all__ = ["Column", "Metric", "Cost", "Protocol", "NetFeatures", "register_protocol", "get_protocol",
            "protocol_names", "resolve_protocols", "BASE_COLUMNS"]

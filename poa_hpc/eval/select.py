@@ -136,10 +136,10 @@ class SelectCommand:
 def export_choice(run: str, name: str, fmt: str, out: Path, prov: Dict[str, Any]) -> str:
     """Extract sub-network ``name`` (``<family>_<WxD>``) of ``run``'s teacher and write it as ``fmt``."""
     from poa_hpc.config import to_dict
-    from poa_hpc.train.load import load_teacher
     from poa_hpc.models.extract import export_timm, extract_state_dict, save_subnet
     from poa_hpc.models.registry import get_backbone
     from poa_hpc.models.subnets import Subnet
+    from poa_hpc.train.load import load_teacher
 
     cfg, backbone, step = load_teacher(run, "teacher")
     family, text = name.split("_", 1)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
-from poa_hpc.config import from_dict
 from poa_hpc.errors import UsageError
 
 __all__ = ["load_subnet_files", "split_files_and_overrides", "run_folder"]

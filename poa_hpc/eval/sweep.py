@@ -20,10 +20,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -34,7 +32,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from poa_hpc.config import POAConfig
 from poa_hpc.data.loader import build_eval_datasets
-from poa_hpc.eval.knn import knn_features, weighted_knn
 from poa_hpc.eval.linear import LR_GRID, probe_features
 from poa_hpc.eval.protocols import BASE_COLUMNS, Column, NetFeatures, Protocol, format_value, get_protocol
 from poa_hpc.models.registry import get_backbone

@@ -58,7 +58,7 @@ def attention_kernel(name: Optional[str]) -> Iterator[None]:
         _kernel = saved
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _xformers_attention():
     """xformers' memory_efficient_attention, or None where it cannot run."""
     try:
@@ -145,7 +145,7 @@ def elastic_conv2d(
                          padding=padding, dilation=dilation)
 
 
-@functools.lru_cache(maxsize=None)  # looked up once, not on every projection call
+@functools.cache  # looked up once, not on every projection call
 def _triton_kernel():
     try:
         from poa_hpc.kernels.sliced_linear_triton import sliced_linear_triton

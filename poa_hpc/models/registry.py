@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 __all__ = ["BackboneSpec", "TimmExport", "apply_timm_attributes", "register_backbone", "get_backbone",
            "backbone_names", "load_families"]
 
-_REGISTRY: Dict[str, "BackboneSpec"] = {}
+_REGISTRY: Dict[str, BackboneSpec] = {}
 
 
 class BackboneSpec:
@@ -88,7 +88,7 @@ class BackboneSpec:
         """An empty dense network of ``dense_arch`` (load the extracted tensors into it)."""
         return self.build(dense_arch, drop_path_rate=0.0, attn_backend=attn_backend)
 
-    def timm_export(self, dense_arch: Any, state: Dict[str, Any], img_size: Optional[int] = None) -> "TimmExport":
+    def timm_export(self, dense_arch: Any, state: Dict[str, Any], img_size: Optional[int] = None) -> TimmExport:
         """The timm model of a dense sub-network: ``timm.create_model(e.model, pretrained=False,
         num_classes=0, **e.kwargs)``, :func:`apply_timm_attributes` with ``e.attributes``, then
         ``load_state_dict(e.state, strict=True)`` gives the sub-network's features on ``img_size``

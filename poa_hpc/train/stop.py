@@ -56,7 +56,7 @@ class StopRequest:
             self.signal = int(signum)
             log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("StopRequest.install() must run in the main thread")
         for s in self.signals:
@@ -77,7 +77,7 @@ class StopRequest:
             signal.signal(s, h)  # type: ignore[arg-type]
         self._previous.clear()
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

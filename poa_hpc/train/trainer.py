@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -25,8 +26,8 @@ from typing import Callable, Dict, Optional
 import torch
 
 from poa_hpc.checkpoint.layout import LAST, point_last, resolve, set_aside, step_file
-from poa_hpc.config import POAConfig, flatten, to_dict, to_yaml
 from poa_hpc.checkpoint.manifest import verify_manifest
+from poa_hpc.config import POAConfig, flatten, to_dict, to_yaml
 from poa_hpc.data.loader import build_train_loader, check_train_data
 from poa_hpc.distributed.engines import build_engine
 from poa_hpc.distributed.env import (
@@ -44,10 +45,10 @@ from poa_hpc.models.registry import backbone_names
 from poa_hpc.models.subnets import SubnetSampler
 from poa_hpc.perf.flops import analytic_step_flops, peak_tflops
 from poa_hpc.perf.timing import StepTimer
-from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.knn_eval import InRunKnn
 from poa_hpc.train.loggers import build_loggers
 from poa_hpc.train.loggers import check_available as check_loggers
+from poa_hpc.train.meta_arch import POA
 from poa_hpc.train.optim import apply_schedules, build_optimizer
 from poa_hpc.train.progress import StepClock, log_line
 from poa_hpc.train.schedules import build_schedules, phase_steps
@@ -414,7 +415,7 @@ def init_from_file(model: POA, cfg: POAConfig, out_dir: Optional[Path]) -> Dict[
     if out_dir is not None:
         log.info(report.summary())
         try:
-            (out_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            atomic_write_text(out_dir / "init_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
         except OSError as exc:
             raise OutputWriteError(f"the run folder '{out_dir}' could not be written: {exc}") from None
     return report.to_dict()

@@ -11,8 +11,16 @@ import torch
 from poa_hpc.errors import ConfigError
 from poa_hpc.models.elastic import block_ids
 from poa_hpc.models.registry import BackboneSpec, TimmExport, register_backbone
-from poa_hpc.models.resnet.model import (IBOT_SCALE_FACTORS, STRIDES, Bottleneck, ElasticResNet, ResNetArch,
-                                         build_resnet, count_params, resnet_gflops)
+from poa_hpc.models.resnet.model import (
+    IBOT_SCALE_FACTORS,
+    STRIDES,
+    Bottleneck,
+    ElasticResNet,
+    ResNetArch,
+    build_resnet,
+    count_params,
+    resnet_gflops,
+)
 from poa_hpc.models.subnets import Subnet, SubnetSpace
 
 __all__ = ["ElasticResNet", "ResNetArch", "Bottleneck", "build_resnet", "count_params", "resnet_gflops", "ResNetSpec"]

@@ -78,7 +78,7 @@ class ResNetArch:
     def out_channels(self, stage: int) -> int:
         return 4 * self.base_channels * 2 ** stage
 
-    def sub(self, width: int, depth: Sequence[int]) -> "ResNetArch":
+    def sub(self, width: int, depth: Sequence[int]) -> ResNetArch:
         """The dense architecture of the ``(width, depth)`` sub-network."""
         return replace(self, widths=[int(width)], depths=[int(d) for d in depth], min_depths=[int(d) for d in depth])
 

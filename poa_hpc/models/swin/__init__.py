@@ -16,8 +16,7 @@ from poa_hpc.kernels.sliced_linear import slice_cols, slice_rows
 from poa_hpc.models.elastic import block_ids
 from poa_hpc.models.registry import BackboneSpec, TimmExport, register_backbone
 from poa_hpc.models.subnets import Subnet, SubnetSpace
-from poa_hpc.models.swin.model import (ELASTIC_STAGE, ElasticSwin, SwinArch, build_swin, count_params,
-                                       swin_gflops)
+from poa_hpc.models.swin.model import ELASTIC_STAGE, ElasticSwin, SwinArch, build_swin, count_params, swin_gflops
 
 __all__ = ["ElasticSwin", "SwinArch", "build_swin", "count_params", "swin_gflops", "SwinSpec"]
 

@@ -103,7 +103,7 @@ class SwinArch:
             return [bool(v) for v in self.stage3_shift]
         return [j % 2 == 1 for j in range(self.depths[stage])]
 
-    def sub(self, width: int, depth: int) -> "SwinArch":
+    def sub(self, width: int, depth: int) -> SwinArch:
         """The dense architecture of the (width, stage-3 depth) sub-network."""
         if width % self.head_dim:
             raise ValueError(f"width {width} is not a multiple of the head dim {self.head_dim}")

@@ -26,8 +26,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from poa_hpc.models.elastic import (DropPath, ElasticBackbone, ElasticLayerNorm, ElasticLinear, ElasticMlp, LayerScale,
-                                    block_ids)
+from poa_hpc.models.elastic import (
+    DropPath,
+    ElasticBackbone,
+    ElasticLayerNorm,
+    ElasticLinear,
+    ElasticMlp,
+    LayerScale,
+    block_ids,
+)
 from poa_hpc.models.ops import attention
 
 
@@ -116,7 +123,7 @@ class ViTArch:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
-    def sub(self, width: int, depth: int) -> "ViTArch":
+    def sub(self, width: int, depth: int) -> ViTArch:
         """The dense architecture of the (width, depth) sub-network."""
         if width % self.head_dim:
             raise ValueError(f"width {width} is not a multiple of the head dim {self.head_dim}")

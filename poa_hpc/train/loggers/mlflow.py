@@ -21,7 +21,6 @@ class MlflowLogger(Logger):
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise missing_extra("mlflow", "mlflow") from None
-        from poa_hpc.config import flatten, to_dict
 
         from mlflow.exceptions import MlflowException
 
