@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from poa_hpc.data.registry import dataset_names, get_dataset
 from poa_hpc.distributed.registry import engine_names
-from poa_hpc.errors import ConfigError, UsageError
+from poa_hpc.errors import ConfigError
 from poa_hpc.models.registry import backbone_names, get_backbone
 
 __all__ = ["POAConfig", "ModelConfig", "load_config", "packaged_config", "from_dict", "to_dict", "to_yaml", "flatten"]
@@ -342,12 +342,10 @@ def resolve_config(path: str | Path) -> Path:
     if p.is_file():
         return p
     if p.parent == Path("."):
-        from importlib import resources
-
-        name = p.name if p.name.endswith((".yaml", ".yml")) else p.name + ".yaml"
-        packaged = resources.files("poa_hpc.configs") / name
-        if packaged.is_file():
-            return Path(str(packaged))
+        try:
+            return packaged_config(p.name)
+        except ConfigError:
+            pass
     raise ConfigError(f"config file '{p}' does not exist (nor is it a packaged config: "
                       f"{', '.join(packaged_configs())})")
 
@@ -377,10 +375,12 @@ def from_dict(d: dict) -> POAConfig:
 
 
 def packaged_config(name: str) -> Path:
-    """Path of a YAML shipped in ``configs/`` (installed as ``poa_hpc.configs``)."""
+    """Path of a YAML shipped in ``configs/`` (installed as ``poa_hpc.configs``), by name with or without
+    ``.yaml``."""
     from importlib import resources
 
-    p = resources.files("poa_hpc.configs") / name
+    stem = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+    p = resources.files("poa_hpc.configs") / stem
     if not p.is_file():
-        raise UsageError(f"packaged config '{name}' not found")
+        raise ConfigError(f"packaged config '{name}' not found (packaged: {', '.join(packaged_configs())})")
     return Path(str(p))

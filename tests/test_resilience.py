@@ -114,7 +114,10 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     assert main(train_args(cut, *keep, "train.max_steps=9")) == 0
     ckpts = cut / "checkpoints"
     # saved at 3, 4, 6, 8, 9: the newest two (8, 9) and every 4th (4, 8) are kept
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004.pt", "step_00000008.pt", "step_00000009.pt"]
+    assert sorted(p.name for p in ckpts.glob("step_*.pt")) == ["step_00000004.pt", "step_00000008.pt", "step_00000009.pt"]
+    # each kept step has its manifest (checkpoint/manifest.py), pruned with it
+    assert sorted(p.name for p in ckpts.glob("step_*.manifest.json")) == [
+        "step_00000004.manifest.json", "step_00000008.manifest.json", "step_00000009.manifest.json"]
     assert os.readlink(ckpts / "last.pt") == "step_00000009.pt"
 
     newest = ckpts / "step_00000009.pt"
@@ -122,11 +125,12 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     caplog.clear()
     assert main(["train", "--resume", *train_args(cut, *keep)[1:]]) == 0
     log = caplog.text
-    assert re.search(rf"cannot resume from the checkpoint of step 9: '{re.escape(str(newest))}' could not be read "
-                     r"\(.+\); trying the previous one \(step 8\)", log), log
+    # the manifest's size check names the torn file before the engine tries to read it
+    assert re.search(rf"cannot resume from the checkpoint of step 9: '{re.escape(str(newest))}' is \d+ bytes, its "
+                     r"manifest 'step_00000009.manifest.json' says \d+; trying the previous one \(step 8\)", log), log
     assert re.search(r"resumed from .* at step 8 ", log), log
     assert_same_run(ref, cut, 12)  # metrics cut back to step 8, then steps 8-11 once more
-    assert sorted(p.name for p in ckpts.glob("step_*")) == [
+    assert sorted(p.name for p in ckpts.glob("step_*.pt*")) == [
         "step_00000004.pt", "step_00000008.pt", "step_00000009.pt", "step_00000009.pt.unreadable", "step_00000012.pt"]
     assert os.readlink(ckpts / "last.pt") == "step_00000012.pt"
 
@@ -145,7 +149,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     # a fresh run (no --resume) in the same folder moves the old history aside instead of mixing with it
     caplog.clear()
     assert main(train_args(cut, *keep, "train.max_steps=1")) == 0
-    assert [p.name for p in ckpts.glob("step_*")] == ["step_00000001.pt"]
+    assert [p.name for p in ckpts.glob("step_*.pt")] == ["step_00000001.pt"]
     (moved,) = ckpts.glob("replaced_*")
     assert (moved / "step_00000012.pt").is_file() and "moved to" in caplog.text
 

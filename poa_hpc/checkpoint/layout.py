@@ -60,7 +60,14 @@ def newest_step(ckpt_dir: str | Path) -> Optional[int]:
 def atomic_save(obj: Any, path: str | Path) -> Path:
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=True)
+    def write(tmp: Path) -> None:
+        # Through a Python file object: a full disk is then an OSError naming ENOSPC (torch.save to a path
+        # raises its C++ writer's RuntimeError instead), which the save phase reports as such.
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+
+    return atomic_write(path, write, fsync=True)
 
 
 def point_last(ckpt_dir: str | Path, step: int) -> None:

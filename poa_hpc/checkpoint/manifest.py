@@ -6,7 +6,7 @@ committed, rank 0 writes ``step_XXXXXXXX.manifest.json`` next to it, last and
 atomically (temp file, fsync, rename): every file of the checkpoint, its size
 and its SHA-256 digest (OpenSSL's, through ``hashlib``: with the CPU's SHA
 instructions it measured twice as fast as ``hashlib.blake2b`` here; the cost per
-GB is in docs/reliability_additions.md).
+GB is in docs/reliability.md).
 
 On resume (:func:`verify_manifest`), each rank re-hashes its share of the
 listed files (file ``i`` on rank ``i % world``) and the step is refused -- the

@@ -1,22 +1,7 @@
-"""Exit codes, and what each rank of a Slurm job reports about how it ended.
+"""What each rank of a Slurm job reports about how it ended, and the exit code of a failure.
 
-Exit codes of ``poa`` (and of a training task):
-
-====  ==================================================================
-0     finished
-1     crashed (an unexpected error; also a collective that timed out or
-      lost a rank) — a Slurm job restarts after it
-2     bad input: config, paths, a checkpoint of another configuration
-3     the loss became NaN/inf (the last good checkpoint is untouched)
-4     a checkpoint or the run folder could not be written (disk full,
-      quota, read-only or unwritable folder); the committed checkpoints
-      are intact
-5     the job gave up: ``--max-restarts`` restarts without a newer checkpoint
-128+N stopped by signal N after checkpointing the finished step
-====  ==================================================================
-
-Codes 2-4 do not restart a Slurm job: the same input, the same step (training is
-deterministic) or the same full disk would fail again.
+The exit codes and the exception types that carry them are in :mod:`poa_hpc.errors` (codes 2-4 do not
+restart a Slurm job: the same input, the same step or the same full disk would fail again).
 
 Under Slurm every rank writes ``<train.output_dir>/status/rank_NNNNN.json``
 (job, host, pid, and at the end its state, code and a one-line message): the
