@@ -331,6 +331,9 @@ class DemoCommand:
                                          "configs/swin_demo_cpu.yaml is the Swin demo")
         d.add_argument("--output-dir", help="default: the config's train.output_dir (runs/demo)")
         d.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs of the final sweep")
+        d.add_argument("--eval-every", type=int, default=200,
+                       help="k-NN of the teacher's smallest, a middle and the intact sub-network every N steps "
+                            "(train.eval_every; poa plot shows the curves; 0: off)")
         d.add_argument("overrides", nargs="*")
 
     @staticmethod
@@ -345,7 +348,7 @@ class DemoCommand:
         from poa_hpc.train.load import load_teacher
         from poa_hpc.train.trainer import build_model, train
 
-        overrides = list(args.overrides)
+        overrides = [f"train.eval_every={args.eval_every}", *args.overrides]  # an override given wins
         if args.output_dir:
             overrides.append(f"train.output_dir={args.output_dir}")
         cfg = load_config(args.config or packaged_config("demo_cpu.yaml"), overrides)
