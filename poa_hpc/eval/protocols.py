@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
+from poa_hpc.models.subnets import depth_str
+
 __all__ = ["Column", "Metric", "Cost", "Protocol", "NetFeatures", "register_protocol", "get_protocol",
            "protocol_names", "resolve_protocols", "BASE_COLUMNS"]
 
@@ -170,6 +172,4 @@ def format_value(col: Column, v: Any) -> str:
         return f"{v:.4f}"
     if col.key == "params_m":
         return f"{v:.3f}"
-    if isinstance(v, (tuple, list)):
-        return "-".join(map(str, v))
-    return str(v)
+    return depth_str(v)  # per-stage depths as 3-4-6-3, anything else as str()
