@@ -390,6 +390,22 @@ def test_authors_swin_and_resnet_checkpoints(tmp_path, family, layout):
     torch.testing.assert_close(teacher_features(model, x, sub), teacher_features(src, x, sub), rtol=1e-5, atol=1e-5)
 
 
+def test_authors_extracted_swin_fills_its_sub_network(tmp_path):
+    """Their tools/extract_elastic_net.py output: one Swin sub-network as a flat ``backbone.*`` dict in their
+    names (sliced, input scales folded in): it fills that sub-network's slice."""
+    cfg = cfg_of("swin")
+    src = perturb(fresh(cfg, seed=5))
+    sub = Subnet(12, 4)
+    _, dense = extract_state_dict(src.teacher.backbone, sub)
+    path = tmp_path / "teacher_checkpoint_small.pth"
+    torch.save(authors_swin_teacher(dense), path)
+    model = fresh(cfg)
+    r = init_from_file(model, _with(cfg, path), None)
+    assert r["format"] == "authors" and r["subnet"] == "12x4" and not r["intact"]
+    x = images(cfg)
+    torch.testing.assert_close(teacher_features(model, x, sub), teacher_features(src, x, sub), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- one-line errors, exit 2
 def _train(tmp_path, *extra, family="vit"):
     return main(["train", "--config", "configs/demo_cpu.yaml", *tiny(family), f"train.output_dir={tmp_path / 'r'}",

@@ -167,6 +167,8 @@ def detect_format(obj: Dict[str, Any], meta: Dict[str, str]) -> str:
             k.startswith("teacher.backbone.") for k in obj["model"])):
         return "authors"
     flat = _strip(_unwrap(obj), ("module.", "_orig_mod.", "backbone."))
+    if family_of(list(flat)) is None and _authors_family(flat) != "vit":
+        return "authors"  # one network extracted by their tools/extract_elastic_net.py (a flat backbone dict)
     if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in flat) or "register_tokens" in flat or any(
             ".mlp.w12." in k for k in flat) or ("mask_token" in flat and "ls1.gamma" in "".join(flat)):
         return "dinov2"
@@ -296,6 +298,9 @@ def _convert_dinov2(flat, path) -> Converted:
 #   ``layerS.J.conv{1,2,3}.weight``, ``layerS.layers.J.norm{1,2,3}`` (``DynamicGroupNorm``) ->
 #   ``layerS.J.bn{1,2,3}``, ``layerS.layers.0.downsample.{0,1}`` (conv, GroupNorm) as is.  Their ``avg_down``
 #   shortcut (an average pool before the conv: ``downsample.{1,2}``) computes another function: refused.
+# Their extractor (``tools/extract_elastic_net.py``) writes one sub-network of the Swin as a flat dict under the
+# same names (``backbone.*``, sliced, input scales folded in, the patch-embed LayerNorm sliced as here): it maps
+# the same way, onto that sub-network.
 def _authors_name(k: str) -> str:
     k = re.sub(r"\.linear\.(weight|bias)$", r".\1", k)
     return re.sub(r"(^|\.)(norm\d?)\.norm\.(weight|bias)$", r"\1\2.\3", k)
@@ -368,12 +373,14 @@ def _authors_resnet(backbone: Dict[str, torch.Tensor], path: str) -> Dict[str, t
 
 def _convert_authors(obj, path) -> Converted:
     outside: set = set()
+    model = obj.get("model") if isinstance(obj.get("model"), dict) else {}
     if isinstance(obj.get("teacher"), dict):
         teacher = _tensors(obj["teacher"])
-    else:
-        model = obj.get("model") or {}
+    elif any(k.startswith("teacher.") for k in model):
         teacher = _tensors(model, "teacher.")
         outside = {"student.*" if k.startswith("student.") else k for k in model if not k.startswith("teacher.")}
+    else:  # one network extracted by their tools/extract_elastic_net.py: the backbone's tensors alone
+        teacher = {"backbone." + k: v for k, v in _strip(_unwrap(obj), ("module.", "_orig_mod.", "backbone.")).items()}
     backbone = _strip(_tensors(teacher, "backbone."), ("module.",))
     if not backbone:
         raise ConfigError(f"key '{KEY}': '{path}' (format authors) has no teacher 'backbone.*' tensors "
