@@ -14,7 +14,8 @@ Formats (``model.init_from_format``; ``auto`` detects them from the file):
   ``blocks.C.N.*`` (flattened to ``blocks.N.*``);
 * ``authors``: the authors' POA checkpoints (alipay/POA): the ``teacher`` state dict (``backbone.*``) of
   their elastic ViT (DINOv2's names), Swin (mmcv's layout; their patch merge's channel order is permuted to
-  timm's) or ResNet (``DynamicResNet``); see :func:`_convert_authors`.
+  timm's) or ResNet (``DynamicResNet``), or one Swin sub-network written by their extractor; see
+  :func:`_convert_authors`.
 
 Refused with a one-line :class:`ConfigError`: register tokens (``register_tokens`` / ``reg_token``: the
 elastic ViT has none), DINOv2's SwiGLU FFN (``mlp.w12``: the elastic MLP is fc1-GELU-fc2), BatchNorm
