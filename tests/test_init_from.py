@@ -269,6 +269,143 @@ def test_authors_teacher_checkpoint(tmp_path):
     torch.testing.assert_close(teacher_features(model, x), teacher_features(src, x), rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------- the authors' Swin and ResNet
+# Their names and shapes, written out from their code (alipay/POA: poa/models/swin_transformer.py,
+# poa/models/resnet.py, poa/layers/*): DynamicLinear holds an nn.Linear as ``.linear``, DynamicLayerNorm an
+# nn.LayerNorm as ``.norm``, DynamicConv2d an nn.Conv2d as ``.conv``; DynamicGroupNorm has its own
+# weight/bias.  Swin: ``stages.S.blocks.J.{norm1, attn.w_msa.{qkv, proj, relative_position_bias_table,
+# relative_position_index}, norm2, ffn.{fc1, fc2}}``, the merge at the end of stage S
+# (``stages.S.downsample.{norm, reduction}``), one output LayerNorm per stage ``norm0..norm3``.  ResNet:
+# ``conv1``/``norm1`` stem, ``layerS.layers.J.{conv1..3, norm1..3, downsample.{0, 1}}``.
+def authors_merge_order(C):
+    """Their DynamicPatchMerging's merged channel order as timm indices: their steps (``nn.Unfold(2, stride
+    2)``, transpose, ``chunk`` into C groups of 4, ``stack``, ``flatten``) run on a 2x2 map whose entry
+    (c, dh, dw) holds its timm index ``(2 * dw + dh) * C + c`` (timm: x0 = (0, 0), x1 = (1, 0), x2 = (0, 1),
+    x3 = (1, 1) as (row, col))."""
+    x = torch.empty(1, C, 2, 2)
+    for c in range(C):
+        for dh in range(2):
+            for dw in range(2):
+                x[0, c, dh, dw] = (2 * dw + dh) * C + c
+    u = torch.nn.Unfold(kernel_size=2, stride=2)(x).transpose(1, 2)  # (1, 1, 4C)
+    u = torch.stack(u.chunk(C, dim=-1), dim=-1).flatten(-2)
+    return u.flatten().long().tolist()
+
+
+def test_authors_merge_order_by_hand():
+    """C = 2: their slots hold (dh, dw, c) = (0,0,0) (0,0,1) (0,1,0) (0,1,1) (1,0,0) ..., i.e. timm's 0 1 4 5 2 3
+    6 7; the same order on a real map through their steps and poa_hpc's PatchMerging concatenation; init_from's
+    permutation takes their order to timm's."""
+    from poa_hpc.models.init_from import authors_merge_to_timm
+    from poa_hpc.models.swin.model import PatchMerging
+
+    assert authors_merge_order(2) == [0, 1, 4, 5, 2, 3, 6, 7]
+    C = 3
+    x = torch.randn(2, 4, 6, C)  # (B, H, W, C)
+    u = torch.nn.Unfold(kernel_size=2, stride=2)(x.permute(0, 3, 1, 2)).transpose(1, 2)
+    theirs = torch.stack(u.chunk(C, dim=-1), dim=-1).flatten(-2)  # (B, H/2 * W/2, 4C)
+    merge = PatchMerging(C, "torch")
+    captured = {}
+    merge.norm.register_forward_hook(lambda m, i, o: captured.setdefault("in", i[0]))
+    merge(x)
+    ours = captured["in"].flatten(1, 2)
+    assert torch.equal(theirs, ours[..., authors_merge_order(C)])
+    assert torch.equal(authors_merge_to_timm(theirs), ours)
+
+
+def authors_swin_teacher(sd, stages=4):
+    """poa_hpc Swin tensors (timm's names and merge order) in the authors' teacher layout."""
+    out = {}
+    for k, v in sd.items():
+        if m := re.match(r"layers\.(\d+)\.downsample\.(norm|reduction)\.(weight|bias)$", k):
+            perm = authors_merge_order(v.shape[-1] // 4)
+            name = "norm.norm" if m.group(2) == "norm" else "reduction.linear"
+            out[f"stages.{int(m.group(1)) - 1}.downsample.{name}.{m.group(3)}"] = v[..., perm]
+        elif m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.(.*)$", k):
+            rest = m.group(3)
+            rest = re.sub(r"^(norm[12])\.", r"\1.norm.", rest)
+            rest = re.sub(r"^attn\.(qkv|proj)\.", r"attn.w_msa.\1.linear.", rest)
+            rest = rest.replace("attn.relative_position_bias_table", "attn.w_msa.relative_position_bias_table")
+            rest = re.sub(r"^mlp\.(fc[12])\.", r"ffn.\1.linear.", rest)
+            out[f"stages.{m.group(1)}.blocks.{m.group(2)}.{rest}"] = v
+            if rest.endswith("relative_position_bias_table"):  # their buffer, mmcv's double_step_seq formula
+                W = (int(round(v.shape[0] ** 0.5)) + 1) // 2
+                seq = (torch.arange(0, (2 * W - 1) * W, 2 * W - 1)[:, None] + torch.arange(W)[None]).reshape(1, -1)
+                out[f"stages.{m.group(1)}.blocks.{m.group(2)}.attn.w_msa.relative_position_index"] = (
+                    seq + seq.T).flip(1).contiguous()
+        elif k.startswith("norm."):
+            out[f"norm{stages - 1}.norm.{k[5:]}"] = v
+        else:
+            out[re.sub(r"^patch_embed\.norm\.", "patch_embed.norm.norm.", k)] = v
+    for s in range(stages - 1):  # their per-stage output norms, which their forward does not use
+        out[f"norm{s}.norm.weight"] = torch.randn(sd["patch_embed.norm.weight"].shape[0] * 2 ** s)
+        out[f"norm{s}.norm.bias"] = torch.randn(sd["patch_embed.norm.weight"].shape[0] * 2 ** s)
+    return {"backbone." + k: v for k, v in out.items()}
+
+
+def authors_resnet_teacher(sd):
+    out = {}
+    for k, v in sd.items():
+        if m := re.match(r"(layer\d)\.(\d+)\.(.*)$", k):
+            rest = re.sub(r"^conv(\d)\.", r"conv\1.conv.", m.group(3))
+            rest = re.sub(r"^bn(\d)\.", r"norm\1.", rest)
+            out[f"{m.group(1)}.layers.{m.group(2)}.{rest}"] = v
+        else:
+            out[re.sub(r"^bn1\.", "norm1.", k)] = v
+    return {"backbone." + k: v for k, v in out.items()}
+
+
+AUTHORS_RESNET = ["model.resnet.base_channels=8"]  # their mid channels: out / 4 .. out / 2 (8..16 at out 32)
+
+
+@pytest.mark.parametrize("family,layout", [("swin", "teacher"), ("swin", "full"), ("resnet", "teacher")])
+def test_authors_swin_and_resnet_checkpoints(tmp_path, family, layout):
+    """The authors' teacher_checkpoint.pth ({"teacher": ...}) and full checkpoint ({"model": {"teacher.*",
+    "student.*"}}) of their Swin / ResNet, written from poa_hpc weights in their names, shapes and merge order:
+    init_from gives the source's features, intact and for a sub-network."""
+    extra = AUTHORS_RESNET if family == "resnet" else []
+    cfg = cfg_of(family, *extra)
+    src = perturb(fresh(cfg, seed=5))
+    sd = src.teacher.backbone.state_dict()
+    if family == "resnet":
+        for s in range(4):  # their DynamicBottleneck: max mid = out / 2
+            assert sd[f"layer{s + 1}.0.conv1.weight"].shape[0] * 2 == sd[f"layer{s + 1}.0.conv3.weight"].shape[0]
+    teacher = authors_swin_teacher(sd) if family == "swin" else authors_resnet_teacher(sd)
+    teacher["dino_head.mlp.0.linear.weight"] = torch.zeros(3, 3)
+    path = tmp_path / "ckpt.pth"
+    if layout == "teacher":
+        torch.save({"teacher": teacher}, path)
+    else:
+        torch.save({"model": {**{"teacher." + k: v for k, v in teacher.items()},
+                              **{"student." + k: v + 1 for k, v in teacher.items()}}, "iteration": 3}, path)
+    model = fresh(cfg)
+    r = init_from_file(model, _with(cfg, path), None)
+    assert r["format"] == "authors" and r["intact"] and r["left"] == []
+    if family == "swin":
+        assert r["unused"] == sorted([f"backbone.norm{s}.norm.{p}" for s in range(3) for p in ("bias", "weight")]
+                                     + ["dino_head.mlp.0.linear.weight"] + (["student.*"] if layout == "full" else []))
+    x = images(cfg)
+    sub = Subnet(8, 2) if family == "swin" else Subnet(8, (1, 2, 3, 1))
+    torch.testing.assert_close(teacher_features(model, x), teacher_features(src, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(teacher_features(model, x, sub), teacher_features(src, x, sub), rtol=1e-5, atol=1e-5)
+
+
+def test_authors_extracted_swin_fills_its_sub_network(tmp_path):
+    """Their tools/extract_elastic_net.py output: one Swin sub-network as a flat ``backbone.*`` dict in their
+    names (sliced, input scales folded in): it fills that sub-network's slice."""
+    cfg = cfg_of("swin")
+    src = perturb(fresh(cfg, seed=5))
+    sub = Subnet(12, 4)
+    _, dense = extract_state_dict(src.teacher.backbone, sub)
+    path = tmp_path / "teacher_checkpoint_small.pth"
+    torch.save(authors_swin_teacher(dense), path)
+    model = fresh(cfg)
+    r = init_from_file(model, _with(cfg, path), None)
+    assert r["format"] == "authors" and r["subnet"] == "12x4" and not r["intact"]
+    x = images(cfg)
+    torch.testing.assert_close(teacher_features(model, x, sub), teacher_features(src, x, sub), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- one-line errors, exit 2
 def _train(tmp_path, *extra, family="vit"):
     return main(["train", "--config", "configs/demo_cpu.yaml", *tiny(family), f"train.output_dir={tmp_path / 'r'}",
@@ -305,7 +442,10 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys):
     cases.append(([f"model.init_from={_save(tmp_path, 'bn.safetensors', bn.state_dict())}"], "BatchNorm ResNet"))
     torch.save({"teacher": {"backbone.stages.0.blocks.0.attn.w_msa.qkv.linear.weight": torch.zeros(3, 3)}},
                tmp_path / "authors_swin.pth")
-    cases.append(([f"model.init_from={tmp_path / 'authors_swin.pth'}"], "not the authors' ViT"))
+    cases.append(([f"model.init_from={tmp_path / 'authors_swin.pth'}"], "not one of the authors' ViT, Swin or ResNet"))
+    torch.save({"teacher": {"backbone.conv1.weight": torch.zeros(64, 3, 7, 7),
+                            "backbone.layer1.layers.0.downsample.2.weight": torch.zeros(3)}}, tmp_path / "avg.pth")
+    cases.append(([f"model.init_from={tmp_path / 'avg.pth'}"], "avg_down"))
     for extra, needle in cases:
         assert _train(tmp_path, *extra) == 2, extra
         err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln]

@@ -12,8 +12,10 @@ Formats (``model.init_from_format``; ``auto`` detects them from the file):
 * ``dinov2``: facebookresearch/dinov2's release files (``dinov2_vitl14_pretrain.pth``): the names are
   timm's too, plus ``mask_token`` (kept: it is iBOT's mask token) and, for ViT-g, chunked blocks
   ``blocks.C.N.*`` (flattened to ``blocks.N.*``);
-* ``authors``: the authors' POA checkpoints (alipay/POA): the ``teacher`` state dict whose backbone
-  names are DINOv2's (``backbone.*``).
+* ``authors``: the authors' POA checkpoints (alipay/POA): the ``teacher`` state dict (``backbone.*``) of
+  their elastic ViT (DINOv2's names), Swin (mmcv's layout; their patch merge's channel order is permuted to
+  timm's) or ResNet (``DynamicResNet``), or one Swin sub-network written by their extractor; see
+  :func:`_convert_authors`.
 
 Refused with a one-line :class:`ConfigError`: register tokens (``register_tokens`` / ``reg_token``: the
 elastic ViT has none), DINOv2's SwiGLU FFN (``mlp.w12``: the elastic MLP is fc1-GELU-fc2), BatchNorm
@@ -166,6 +168,8 @@ def detect_format(obj: Dict[str, Any], meta: Dict[str, str]) -> str:
             k.startswith("teacher.backbone.") for k in obj["model"])):
         return "authors"
     flat = _strip(_unwrap(obj), ("module.", "_orig_mod.", "backbone."))
+    if family_of(list(flat)) is None and _authors_family(flat) != "vit":
+        return "authors"  # one network extracted by their tools/extract_elastic_net.py (a flat backbone dict)
     if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in flat) or "register_tokens" in flat or any(
             ".mlp.w12." in k for k in flat) or ("mask_token" in flat and "ls1.gamma" in "".join(flat)):
         return "dinov2"
@@ -270,37 +274,135 @@ def _convert_dinov2(flat, path) -> Converted:
 
 
 # The authors' teacher (alipay/POA, ``SSLMetaArch.teacher``; ``teacher_checkpoint.pth`` holds
-# ``{"teacher": teacher.state_dict()}``, their full checkpoints ``{"model": {"teacher.*", "student.*"}}``):
-# ``backbone`` is their elastic ``DinoVisionTransformer``, whose names are DINOv2's except that
-# ``DynamicLinear`` wraps an ``nn.Linear`` as ``.linear`` and ``DynamicLayerNorm`` an ``nn.LayerNorm`` as
-# ``.norm`` (``blocks.0.attn.qkv.linear.weight``, ``blocks.0.norm1.norm.weight``, ``norm.norm.weight``);
-# the qkv weight is 3 row blocks of q, k, v as timm's.  ``dino_head`` / ``ibot_head`` (their MDINOHead)
-# is not the layout of poa_hpc's heads and is never loaded.  Their Swin (mmcv-style stages, an Unfold
-# patch merging whose channel order differs from timm's) and ResNet are not mapped: refused.
+# ``{"teacher": teacher.state_dict()}``, their full checkpoints ``{"model": {"teacher.*", "student.*"}}``).
+# ``dino_head`` / ``ibot_head`` (their MDINOHead) is not the layout of poa_hpc's heads and is never loaded.
+# ``backbone`` is one of their elastic networks, mapped name by name (and, for the Swin patch merge, by a
+# fixed permutation) onto poa_hpc's, which holds the same function (same slicing rules and input scales):
+#
+# * ViT (``DinoVisionTransformer``): DINOv2's names except that ``DynamicLinear`` wraps an ``nn.Linear`` as
+#   ``.linear`` and ``DynamicLayerNorm`` an ``nn.LayerNorm`` as ``.norm`` (``blocks.0.attn.qkv.linear.weight``,
+#   ``blocks.0.norm1.norm.weight``, ``norm.norm.weight``); the qkv weight is 3 row blocks q, k, v as timm's.
+# * Swin (``DynamicSwinTransformer``, mmcv's layout): ``stages.S.blocks.J.{norm1,norm2}.norm``,
+#   ``.attn.w_msa.{qkv,proj}.linear`` (qkv: ``GroupedDynamicLinear``, 3 row blocks q, k, v),
+#   ``.attn.w_msa.relative_position_bias_table`` (and the ``relative_position_index`` buffer, checked and
+#   dropped), ``.ffn.{fc1,fc2}.linear`` -> ``layers.S.blocks.J.{norm1,norm2,attn.qkv,attn.proj,
+#   attn.relative_position_bias_table,mlp.fc1,mlp.fc2}``; the patch merge ``stages.S.downsample`` closes stage S
+#   there and opens stage S + 1 here (``layers.S+1.downsample``); ``norm0..norm3`` are one LayerNorm per stage
+#   output, of which only the last is in their forward (``norm``; the others serve their
+#   ``get_intermediate_layers`` and are reported unused); ``patch_embed.norm.norm`` -> ``patch_embed.norm``.
+#   Their merge concatenates the 2x2 neighbours through ``nn.Unfold``: input group ``p = 2 * dh + dw`` ((dh, dw)
+#   the offset in the 2x2 window), then ``p * C + c``; timm's (and poa_hpc's) concatenation is
+#   ``q = 2 * dw + dh``.  So the merge's LayerNorm entries and reduction columns are 4 groups of C reordered
+#   (0, 2, 1, 3) (the permutation is its own inverse).  Elastic widths keep the first c of each group in both.
+# * ResNet (``DynamicResNet``): ``conv1`` / ``norm1`` (stem) -> ``conv1`` / ``bn1``;
+#   ``layerS.layers.J.conv{1,2,3}.conv.weight`` (``DynamicConv2d`` wraps an ``nn.Conv2d`` as ``.conv``) ->
+#   ``layerS.J.conv{1,2,3}.weight``, ``layerS.layers.J.norm{1,2,3}`` (``DynamicGroupNorm``) ->
+#   ``layerS.J.bn{1,2,3}``, ``layerS.layers.0.downsample.{0,1}`` (conv, GroupNorm) as is.  Their ``avg_down``
+#   shortcut (an average pool before the conv: ``downsample.{1,2}``) computes another function: refused.
+# Their extractor (``tools/extract_elastic_net.py``) writes one sub-network of the Swin as a flat dict under the
+# same names (``backbone.*``, sliced, input scales folded in, the patch-embed LayerNorm sliced as here): it maps
+# the same way, onto that sub-network.
 def _authors_name(k: str) -> str:
     k = re.sub(r"\.linear\.(weight|bias)$", r".\1", k)
     return re.sub(r"(^|\.)(norm\d?)\.norm\.(weight|bias)$", r"\1\2.\3", k)
 
 
+#: the authors' merge group of each poa_hpc (timm) merge group: q = 2 * dw + dh takes p = 2 * dh + dw
+MERGE_GROUPS = (0, 2, 1, 3)
+
+
+def authors_merge_to_timm(t: torch.Tensor) -> torch.Tensor:
+    """The authors' patch-merge LayerNorm entries / reduction columns (last dim: 4 groups in their Unfold
+    order) in timm's concatenation order."""
+    g = t.chunk(4, dim=-1)
+    return torch.cat([g[p] for p in MERGE_GROUPS], dim=-1)
+
+
+def _authors_family(keys) -> str:
+    if any(re.match(r"stages\.\d+\.blocks\.\d+\.attn\.w_msa\.", k) for k in keys):
+        return "swin"
+    if any(re.match(r"layer\d+\.layers\.\d+\.", k) for k in keys):
+        return "resnet"
+    return "vit"
+
+
+def _authors_swin(backbone: Dict[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    from poa_hpc.models.swin.model import relative_position_index
+
+    stages = 1 + max(int(m.group(1)) for k in backbone if (m := re.match(r"stages\.(\d+)\.", k)))
+    out: Dict[str, torch.Tensor] = {}
+    unused: List[str] = []
+    for k, v in backbone.items():
+        if m := re.match(r"stages\.(\d+)\.downsample\.(norm\.norm|reduction\.linear)\.(weight|bias)$", k):
+            part = "norm" if m.group(2) == "norm.norm" else "reduction"
+            out[f"layers.{int(m.group(1)) + 1}.downsample.{part}.{m.group(3)}"] = authors_merge_to_timm(v)
+        elif m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)$", k):
+            rest = m.group(3)
+            if rest == "attn.w_msa.relative_position_index":
+                window = int(round(math.sqrt(v.shape[0])))
+                if not torch.equal(v.long().cpu(), relative_position_index(window)):
+                    raise ConfigError(f"key '{KEY}': '{path}' (format authors): {k} is not the Swin relative "
+                                      f"position index of {window}x{window} windows")
+                continue
+            rest = rest.replace("attn.w_msa.", "attn.").replace("ffn.", "mlp.")
+            out[f"layers.{m.group(1)}.blocks.{m.group(2)}.{_authors_name(rest)}"] = v
+        elif m := re.match(r"norm(\d+)\.norm\.(weight|bias)$", k):
+            if int(m.group(1)) == stages - 1:
+                out[f"norm.{m.group(2)}"] = v
+            else:
+                unused.append(k)
+        else:  # patch_embed.proj.*, patch_embed.norm.norm.*, mask_token
+            out[_authors_name(k)] = v
+    return out, unused
+
+
+def _authors_resnet(backbone: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in backbone.items():
+        if m := re.match(r"(layer\d+)\.layers\.(\d+)\.(.*)$", k):
+            rest = m.group(3)
+            if rest.startswith("downsample.2."):
+                raise ConfigError(f"key '{KEY}': '{path}' (format authors) is a ResNet with avg_down shortcuts "
+                                  f"({k}); poa_hpc's ResNet has strided 1x1 conv shortcuts")
+            rest = re.sub(r"^conv(\d)\.conv\.", r"conv\1.", rest)
+            rest = re.sub(r"^norm(\d)\.", r"bn\1.", rest)
+            out[f"{m.group(1)}.{m.group(2)}.{rest}"] = v
+        else:  # conv1.weight, norm1.* (the stem), mask_token
+            out[re.sub(r"^norm1\.", "bn1.", k)] = v
+    return out
+
+
 def _convert_authors(obj, path) -> Converted:
+    outside: set = set()
+    model = obj.get("model") if isinstance(obj.get("model"), dict) else {}
     if isinstance(obj.get("teacher"), dict):
         teacher = _tensors(obj["teacher"])
-    else:
-        teacher = _tensors(obj.get("model") or {}, "teacher.")
+    elif any(k.startswith("teacher.") for k in model):
+        teacher = _tensors(model, "teacher.")
+        outside = {"student.*" if k.startswith("student.") else k for k in model if not k.startswith("teacher.")}
+    else:  # one network extracted by their tools/extract_elastic_net.py: the backbone's tensors alone
+        teacher = {"backbone." + k: v for k, v in _strip(_unwrap(obj), ("module.", "_orig_mod.", "backbone.")).items()}
     backbone = _strip(_tensors(teacher, "backbone."), ("module.",))
     if not backbone:
         raise ConfigError(f"key '{KEY}': '{path}' (format authors) has no teacher 'backbone.*' tensors "
                           f"(keys such as {list(teacher)[:3]})")
-    flat = {}
-    for k, v in backbone.items():
-        m = re.match(r"blocks\.(\d+)\.(\d+)\.(.*)", k)
-        flat[_authors_name(f"blocks.{m.group(2)}.{m.group(3)}" if m else k)] = v
-    if family_of(flat) != "vit":
-        raise ConfigError(f"key '{KEY}': '{path}' (format authors) is not the authors' ViT; their Swin and ResNet "
-                          f"checkpoints are not mapped (keys such as {list(backbone)[:3]})")
+    unused = sorted({k for k in teacher if not k.startswith("backbone.")} | outside)
+    family = _authors_family(backbone)
+    if family == "swin":
+        flat, more = _authors_swin(backbone, path)
+        unused = sorted(unused + ["backbone." + k for k in more])
+    elif family == "resnet":
+        flat = _authors_resnet(backbone, path)
+    else:
+        flat = {}
+        for k, v in backbone.items():
+            m = re.match(r"blocks\.(\d+)\.(\d+)\.(.*)", k)
+            flat[_authors_name(f"blocks.{m.group(2)}.{m.group(3)}" if m else k)] = v
+    if family_of(flat) != family:
+        raise ConfigError(f"key '{KEY}': '{path}' (format authors) is not one of the authors' ViT, Swin or ResNet "
+                          f"backbones (keys such as {list(backbone)[:3]})")
     _refuse_common(flat, "authors", path)
-    unused = sorted(k for k in teacher if not k.startswith("backbone."))
-    return Converted("authors", "vit", flat, None, None, unused)
+    return Converted("authors", family, flat, None, None, unused)
 
 
 # ---------------------------------------------------------------------------- mapping
