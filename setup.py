@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         # DALI's wheel carries its CPU backend too, so the DALI tests run without a GPU.
-        "dev": ["pytest>=8", "pytest-timeout", "timm>=1.0", "deepspeed>=0.16", "nvidia-dali-cuda120>=1.40",
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "timm>=1.0", "deepspeed>=0.16", "nvidia-dali-cuda120>=1.40",
                 "submitit>=1.5", "matplotlib", "ruff",
                 "tensorboard", "wandb", "mlflow", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript"],
         "plot": ["matplotlib"],  # the accuracy-vs-GFLOPs figure of `poa eval sweep`

@@ -13,6 +13,11 @@ os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist (scripts/test.sh runs the suite on several workers), the Slurm tests share one
+    # worker and so one local cluster: `--dist loadgroup` keeps an xdist_group on one worker.
+    for item in items:
+        if "slurm" in item.keywords or "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
