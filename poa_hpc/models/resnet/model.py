@@ -110,12 +110,14 @@ class Bottleneck(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, mid: Optional[int] = None) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        # GroupNorm is per sample, so the residual branch can run on a sample subset (DropPath's subset mode).
+        return self.act3(self.drop_path.add(shortcut, lambda t: self._branch(t, mid), inp=x))
+
+    def _branch(self, x: torch.Tensor, mid: Optional[int]) -> torch.Tensor:
         y = self.act1(self.bn1(self.conv1(x, mid)))
         y = self.act2(self.bn2(self.conv2(y, mid)))
-        y = self.bn3(self.conv3(y))
-        y = self.drop_path(y)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act3(y + shortcut)
+        return self.bn3(self.conv3(y))
 
 
 class ElasticResNet(ElasticBackbone):

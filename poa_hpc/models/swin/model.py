@@ -235,8 +235,9 @@ class SwinBlock(nn.Module):
         return out[:, :H, :W]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self._attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # Windows and shifts are per sample, so a sample subset (DropPath's subset mode) is exact.
+        x = self.drop_path.add(x, lambda t: self._attn(self.norm1(t)))
+        return self.drop_path.add(x, lambda t: self.mlp(self.norm2(t)))
 
 
 class PatchMerging(nn.Module):

@@ -86,8 +86,8 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = self.drop_path.add(x, lambda t: self.ls1(self.attn(self.norm1(t))))
+        return self.drop_path.add(x, lambda t: self.ls2(self.mlp(self.norm2(t))))
 
 
 @dataclass
