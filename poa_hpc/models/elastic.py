@@ -36,7 +36,7 @@ from poa_hpc.kernels.sliced_linear import slice_cols
 from poa_hpc.models.ops import elastic_conv2d, elastic_linear
 
 __all__ = ["ElasticLinear", "ElasticConv2d", "ElasticLayerNorm", "ElasticGroupNorm", "ElasticMlp", "LayerScale",
-           "DropPath", "DROP_PATH_MODES", "subset_size", "block_ids", "ElasticBackbone"]
+           "DropPath", "DROP_PATH_MODES", "subset_size", "uses_subset", "block_ids", "ElasticBackbone"]
 
 
 def block_ids(total_depth: int, depth: int) -> List[int]:
@@ -153,6 +153,11 @@ DROP_PATH_MODES = ("auto", "mask", "subset")
 SUBSET_ABOVE = 0.1
 
 
+def uses_subset(mode: str, rate: float) -> bool:
+    """Whether stochastic depth of ``mode`` at ``rate`` runs residual branches on a sample subset in training."""
+    return rate > 0.0 and (mode == "subset" or (mode == "auto" and rate > SUBSET_ABOVE))
+
+
 def subset_size(batch: int, rate: float) -> int:
     """Samples a residual branch runs on in subset mode: ``max(int(b (1 - rate)), 1)`` (DINOv2), at most ``b``."""
     return min(max(int(batch * (1 - rate)), 1), batch)
@@ -195,8 +200,8 @@ class DropPath(nn.Module):
 
     @property
     def uses_subset(self) -> bool:
-        """Whether :meth:`add` runs the branch on a sample subset in training (``p > 0`` assumed)."""
-        return self.mode == "subset" or (self.mode == "auto" and self.p > SUBSET_ABOVE)
+        """Whether :meth:`add` runs the branch on a sample subset in training."""
+        return uses_subset(self.mode, self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
