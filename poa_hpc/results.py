@@ -18,7 +18,7 @@ _OPTIONAL = ("deepspeed", "triton", "xformers", "timm", "nvidia-dali-cuda120", "
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or "unknown"
+                              cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or "unknown"
     except Exception:
         return "unknown"
 
