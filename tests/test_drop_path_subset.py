@@ -315,3 +315,24 @@ def test_analytic_flops_discount_equals_the_counted_one(family, mode):
         # within 3 %: the analytic model takes backward as 2x forward, but flash attention's backward recomputes
         # the scores (2.5x), and the tiny ViT's 17 tokens at width 16 make attention a large share
         assert am[part] - as_[part] == pytest.approx(counted, rel=0.03), part
+
+
+def test_activation_checkpointing_recompute_draws_the_same_subset():
+    # FSDP's dist.activation_checkpointing wraps each student block with checkpoint_wrapper: the recompute in
+    # backward must run the branch on the subset the forward drew (it restores the generator state).
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    blk = vit_block(0.5, "subset")
+    x = torch.randn(8, 5, 16, dtype=D, requires_grad=True)
+    torch.manual_seed(13)
+    ref = blk(x)
+    ref.pow(2).sum().backward()
+    ref_grads = [x.grad.clone()] + [p.grad.clone() for p in blk.parameters()]
+    x.grad = None
+    blk.zero_grad(set_to_none=True)
+    torch.manual_seed(13)
+    got = checkpoint_wrapper(blk)(x)
+    got.pow(2).sum().backward()
+    assert torch.equal(got, ref)
+    for a, b in zip(ref_grads, [x.grad] + [p.grad for p in blk.parameters()]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
