@@ -172,7 +172,8 @@ class DropPath(nn.Module):
     * ``subset``: the branch runs only on ``k = max(int(b (1 - p)), 1)`` samples drawn without replacement
       and is index-added back scaled by ``b / k`` (DINOv2's ``drop_add_residual_stochastic_depth``, the
       authors' ViT block): the dropped samples' branch is never computed, so the branch costs ``k / b``.
-    * ``auto`` (what :meth:`add` does by default): ``subset`` when ``p > 0.1``, else ``mask``, as DINOv2.
+    * ``auto``: ``subset`` when ``p > 0.1``, else ``mask``, as DINOv2 (``model.drop_path_mode``; the schema's
+      default is ``mask``).
 
     Use :meth:`add` (``base + branch(inp)`` with the drop applied) in blocks.  Both forms draw from
     PyTorch's default generator of the input's device, which the trainer seeds from (seed, rank, step) at

@@ -288,7 +288,8 @@ def analytic_step_flops(cfg: POAConfig, sub: Subnet, n_masked: int, ibot: bool =
                         batch_size: Optional[int] = None) -> Dict[str, float]:
     """Matmul FLOPs of one step per rank from the family's analytic forward cost (``spec.gflops``, multiply-adds)
     and the heads' shapes: backward = 2 x forward, Sinkhorn-Knopp and the chunked losses as the passes they
-    make over the prototype layer.  Cheap enough for every logged step (the trainer's ``tflops``); within
+    make over the prototype layer; the students' backbones without the residual-branch work that subset
+    stochastic depth skips (:func:`student_gflops`).  Cheap enough for every logged step (the trainer's ``tflops``); within
     2 % of :func:`count_step` (tests)."""
     spec, arch = get_backbone(cfg.model.arch), cfg.model.section
     d, h, lc = cfg.data, cfg.head, cfg.loss
