@@ -36,6 +36,9 @@ def _model_config_cls() -> type:
         # kernels have been measured on a GPU.
         ("elastic_linear", str, field(default="torch")),
         ("attention", str, field(default="sdpa")),  # sdpa (flash/efficient/cuDNN) | xformers | math (reference)
+        # Students' stochastic depth: mask (whole batch, dropped samples zeroed) | subset (each residual branch
+        # runs on max(int(b(1-rate)),1) samples, index-added back x b/subset, as DINOv2) | auto (subset above 0.1)
+        ("drop_path_mode", str, field(default="mask")),
         # per_rank (paper): each rank draws its own elastic sub-network per step | shared: one for all
         ("rank_sampling", str, field(default="per_rank")),
         # Start the intact student and the teacher from a dense checkpoint (docs/init_from.md): a path, or
@@ -230,6 +233,7 @@ _CHOICES = {
     "model.arch": backbone_names(),
     "model.elastic_linear": ("torch", "triton", "auto"),
     "model.attention": ("sdpa", "xformers", "math"),
+    "model.drop_path_mode": ("auto", "mask", "subset"),
     "model.rank_sampling": ("per_rank", "shared"),
     "data.dataset": dataset_names(),
     "data.loader": ("torch", "dali", "dali_cpu"),

@@ -52,3 +52,17 @@ def test_bench_data_generates_jpegs_and_writes_json(tmp_path, capsys):
     assert all(r["opens_per_img"] >= 0.5 for r in rows if r["source"] == "files")
     assert all(r["opens_per_img"] < 0.5 for r in rows if r["source"] == "shards")
     assert "dali_cpu" in capsys.readouterr().out
+
+
+def test_bench_step_compares_drop_path_modes(tmp_path, capsys):
+    assert main(["bench", "step", "--preset", "vit_tiny", "--steps", "1", "--warmup", "1", "--batch", "4",
+                 "--no-estimate", "--drop-path-mode", "mask", "subset", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "drop path mode vs mask" in out
+    (path,) = tmp_path.glob("step_*.json")
+    result = json.loads(path.read_text())
+    mask, subset = result["rows"]
+    assert (mask["drop_path_mode"], subset["drop_path_mode"]) == ("mask", "subset")
+    assert all(r["step_ms"] > 0 and r["time/intact_ms"] > 0 for r in result["rows"])
+    # same sub-networks and batch; rate 0.2: the students' blocks run on 6 of 8 global and 25 of 32 local crops
+    assert subset["step_tflop"] < 0.9 * mask["step_tflop"]

@@ -39,14 +39,18 @@ def test_two_processes_match_one(single, tmp_path, engine, extra):
     assert_same_weights(ref_dir, tmp_path / engine)  # student and EMA teacher
 
 
-def test_fsdp_per_rank_subnetworks_match_replicated(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("model.vit.drop_path_rate=0.3", "model.drop_path_mode=subset")],
+                         ids=["no-drop-path", "subset-drop-path"])
+def test_fsdp_per_rank_subnetworks_match_replicated(tmp_path, extra):
     """Each rank trains its own sub-network (the paper's default): sharded == replicated.
 
     Ranks run different depths, so FSDP2's per-block collectives stay aligned only because
-    skipped blocks run on an empty batch; the replicated engine has no such collectives.
+    skipped blocks run on an empty batch; the replicated engine has no such collectives.  With
+    subset stochastic depth each rank draws the same subsets under both engines (the skipped
+    blocks' empty batches draw nothing).
     """
-    a = train(tmp_path / "ddp", 2, "ddp")
-    b = train(tmp_path / "fsdp", 2, "fsdp")
+    a = train(tmp_path / "ddp", 2, "ddp", *extra)
+    b = train(tmp_path / "fsdp", 2, "fsdp", *extra)
     assert_same_run(a, b)
     assert_same_weights(tmp_path / "ddp", tmp_path / "fsdp")
 

@@ -26,26 +26,32 @@ def vit_step_flops(cfg, sub, M):
     attention scores and mixing 2 N^2 w; backward: 2x for the projections, 2.5x for attention (flash
     recomputes the scores); the patch convolution runs at full width and its backward computes the weight
     gradient only.  Heads: 3-layer MLP then prototypes per row; Sinkhorn-Knopp and the chunked losses form
-    the logits once per pass; KoLeo one x x^T per global view."""
+    the logits once per pass; KoLeo one x x^T per global view.  The students' blocks under subset stochastic
+    depth (DINOv2: model.drop_path_mode subset, or auto above rate 0.1) run on max(int(b (1 - rate)), 1) of
+    the b crops of each backbone call (the 2B global crops, the n_local B local crops)."""
     a, h, lc, d = cfg.model.vit, cfg.head, cfg.loss, cfg.data
     B, L, D, p = cfg.optim.batch_size, a.depth, a.embed_dim, a.patch_size
     n_local = d.n_local
     ids = lambda depth: depth  # blocks that run: every one of the sub-network's depth
 
-    def image(size, w, depth, backward):
+    rate, mode = a.drop_path_rate, cfg.model.drop_path_mode
+    subset = rate > 0 and (mode == "subset" or (mode == "auto" and rate > 0.1))
+
+    def image(size, w, depth, backward, keep=1.0):
         n = (size // p) ** 2
         N = n + 1
         conv = 2 * n * 3 * p * p * D
         proj = 2 * 12 * N * w * w
         attn = 2 * 2 * N * N * w
         if not backward:
-            return conv + depth * (proj + attn)
-        return 2 * conv + depth * (3 * proj + 3.5 * attn)
+            return conv + depth * (proj + attn) * keep
+        return 2 * conv + depth * (3 * proj + 3.5 * attn) * keep
 
     def backbone(w, depth, backward, local=True):
-        f = 2 * B * image(d.global_size, w, depth, backward)
+        keep = (lambda b: max(int(b * (1 - rate)), 1) / b) if backward and subset else (lambda b: 1.0)
+        f = 2 * B * image(d.global_size, w, depth, backward, keep(2 * B))
         if local:
-            f += n_local * B * image(d.local_size, w, depth, backward)
+            f += n_local * B * image(d.local_size, w, depth, backward, keep(n_local * B))
         return f
 
     def mlp(in_dim):
@@ -68,22 +74,26 @@ def vit_step_flops(cfg, sub, M):
     return total
 
 
-@pytest.fixture(scope="module")
-def vit_l_cfg():
-    return load_config("configs/vit_l_poa.yaml", VIT_L_SHAPES)
+def vit_l_cfg(*overrides):
+    return load_config("configs/vit_l_poa.yaml", VIT_L_SHAPES + list(overrides))
 
 
-@pytest.mark.parametrize("ibot", [True, False])
-def test_counted_step_flops_match_the_formula(vit_l_cfg, ibot):
+@pytest.mark.parametrize("ibot,mode", [(True, "auto"), (False, "auto"), (True, "mask")])
+def test_counted_step_flops_match_the_formula(ibot, mode):
+    # vit_l_poa.yaml runs its students' blocks on subsets (drop_path_mode auto at rate 0.2); mask runs them whole
+    cfg = vit_l_cfg(f"model.drop_path_mode={mode}")
+    assert cfg.model.vit.drop_path_rate == 0.2 and load_config("configs/vit_l_poa.yaml").model.drop_path_mode == "auto"
     sub, M = Subnet(832, 3), 37
-    counted = count_step(vit_l_cfg, sub, n_masked=M, ibot=ibot)
-    expect = vit_step_flops(vit_l_cfg, sub, M if ibot else 0)
+    counted = count_step(cfg, sub, n_masked=M, ibot=ibot)
+    expect = vit_step_flops(cfg, sub, M if ibot else 0)
     assert counted.step == pytest.approx(expect, rel=0.02)
     # the product's own analytic model (the trainer's tflops) too, part by part where it is exact
-    an = analytic_step_flops(vit_l_cfg, sub, M, ibot)
+    an = analytic_step_flops(cfg, sub, M, ibot)
     assert sum(an.values()) == pytest.approx(counted.step, rel=0.02)
     for part in ("teacher/backbone", "teacher/heads", "teacher/sinkhorn"):
         assert counted.parts[part]["matmul"] == pytest.approx(an[part], rel=1e-9), part
+    for part in ("intact/backbone", "elastic/backbone"):  # the students' subset discount, branch by branch
+        assert counted.parts[part]["matmul"] == pytest.approx(an[part], rel=0.02), part
     assert counted.parts["optimizer/clip_adamw"]["matmul"] == 0 and counted.parts["optimizer/clip_adamw"]["elementwise"]
     assert counted.parts["ema/update"]["elementwise"] > 0
 

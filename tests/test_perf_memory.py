@@ -38,14 +38,22 @@ def _measure(tmp_path, world, overrides):
     return [json.loads(open(f"{out}.{rank}").read())["peak"] for rank in range(world)]
 
 
-@pytest.mark.parametrize("world,engine", [(1, "none"), (2, "fsdp")])
-def test_estimate_matches_the_measured_cpu_peak(tmp_path, world, engine):
-    overrides = SMALL + [f"dist.engine={engine}"]
+SUBSET = ["model.vit.drop_path_rate=0.3", "model.drop_path_mode=subset"]  # students' blocks on 70 % of the crops
+
+
+@pytest.mark.parametrize("world,engine,extra", [(1, "none", []), (2, "fsdp", []), (1, "none", SUBSET)],
+                         ids=["none", "fsdp", "none-subset-drop-path"])
+def test_estimate_matches_the_measured_cpu_peak(tmp_path, world, engine, extra):
+    overrides = SMALL + [f"dist.engine={engine}", *extra]
     measured = max(_measure(tmp_path, world, overrides))
     cfg = load_config("configs/demo_cpu.yaml", overrides)
     predicted = estimate_memory(cfg, world, engine=engine, sub=Subnet.parse(SUB), n_masked=MASKED, target="cpu").peak
     assert measured > 100 * 2 ** 20  # the step is big enough to be measured
     assert predicted == pytest.approx(measured, rel=0.15), (predicted / 2 ** 20, measured / 2 ** 20)
+    if extra:  # the students' residual branches keep activations for the subset only
+        whole = estimate_memory(load_config("configs/demo_cpu.yaml", SMALL + ["model.vit.drop_path_rate=0.3"]), world,
+                                engine=engine, sub=Subnet.parse(SUB), n_masked=MASKED, target="cpu").peak
+        assert predicted < 0.9 * whole, (predicted / 2 ** 20, whole / 2 ** 20)
 
 
 def test_cpu_stand_in_makes_the_ops_of_a_fake_cuda_forward():

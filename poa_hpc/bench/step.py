@@ -10,6 +10,10 @@ measured), elastic sub-networks drawn by eq. 14 as in training.  Times come from
 (:mod:`poa_hpc.perf.flops`), the peak from ``torch.cuda.max_memory_allocated``; the prediction is
 made for the largest sub-network the run drew and the same masked-token count.  Prints a table and
 writes JSON under ``benchmarks/results/``.
+
+``--drop-path-mode mask subset`` runs the same steps (same sub-networks, same batch, a freshly built model
+each) once per stochastic-depth form (``model.drop_path_mode``) and prints each part's ms/step next to the
+first mode's, with the analytic FLOPs per step of each.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--peak", type=float, default=0.0, help="peak TFLOP/s for the MFU (default: the GPU's table value)")
     p.add_argument("--no-estimate", action="store_true", help="skip the memory prediction")
+    p.add_argument("--drop-path-mode", nargs="+", choices=("auto", "mask", "subset"), default=None,
+                   help="one run per model.drop_path_mode, compared part by part (default: the config's)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("overrides", nargs="*")
 
@@ -42,6 +48,36 @@ def run(args: argparse.Namespace) -> int:
 
     from poa_hpc.bench.engines import models
     from poa_hpc.config import load_config, packaged_config
+
+    presets = models()
+    base, preset = presets[args.preset]
+    rows = []
+    for mode in args.drop_path_mode or [None]:
+        extra = [] if mode is None else [f"model.drop_path_mode={mode}"]
+        cfg = load_config(packaged_config(base), preset + [f"optim.batch_size={args.batch}", "dist.engine=none",
+                                                           "train.progress=false", *args.overrides, *extra])
+        rows.append(_bench(cfg, args))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if len(rows) > 1:
+        first = rows[0]
+        print(f"drop path mode vs {first['drop_path_mode']} (ms/step per part; analytic TFLOP/step):")
+        parts = [k for k in first if k.startswith("time/")] + ["step_ms"]
+        for row in rows:
+            cells = ", ".join(f"{k.removeprefix('time/').removesuffix('_ms')} {row[k]:.1f} ({row[k] / first[k]:.2f}x)"
+                              for k in parts if first.get(k))
+            print(f"  {row['drop_path_mode']:>6}: {cells}; {row['step_tflop']:.4g} TFLOP "
+                  f"({row['step_tflop'] / first['step_tflop']:.2f}x)")
+    write_result("step", rows, args.out, {"config": base, "overrides": preset + args.overrides,
+                                          "drop_path_modes": args.drop_path_mode},
+                 device=rows[0]["device"])
+    return 0
+
+
+def _bench(cfg, args: argparse.Namespace) -> dict:
+    """One run of ``args.warmup + args.steps`` steps of ``cfg``: its result row (printed too)."""
+    import torch
+
     from poa_hpc.distributed.engines import build_engine
     from poa_hpc.distributed.env import DistContext
     from poa_hpc.models.subnets import SubnetSampler
@@ -51,10 +87,6 @@ def run(args: argparse.Namespace) -> int:
     from poa_hpc.train.optim import apply_schedules, build_optimizer
     from poa_hpc.train.trainer import autocast_factory, build_model
 
-    presets = models()
-    base, preset = presets[args.preset]
-    cfg = load_config(packaged_config(base), preset + [f"optim.batch_size={args.batch}", "dist.engine=none",
-                                                       "train.progress=false", *args.overrides])
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     ctx = DistContext(device=device)
@@ -69,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     flops, drawn = 0.0, []
     model.train()
     model.teacher.eval()
+    torch.manual_seed(cfg.train.seed)  # the same drop-path draws in every run of the same config
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
@@ -91,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
     step_s = times["time/step_ms"] / 1e3
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak or (peak_tflops(name) if cuda else None)
-    row = {"preset": args.preset, "batch": args.batch, "steps": steps, "n_masked": n_masked,
-           "img_per_s": args.batch / step_s, "step_ms": 1e3 * step_s, "tflops": flops / steps / step_s / 1e12,
+    row = {"preset": args.preset, "device": name, "drop_path_mode": cfg.model.drop_path_mode, "batch": args.batch,
+           "steps": steps, "n_masked": n_masked, "img_per_s": args.batch / step_s, "step_ms": 1e3 * step_s,
+           "step_tflop": flops / steps / 1e12, "tflops": flops / steps / step_s / 1e12,
            **{k: v for k, v in times.items() if k != "time/step_ms"}}
     if peak:
         row["mfu"] = row["tflops"] / peak
@@ -110,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
                     "estimate_s": time.perf_counter() - t0})
         if cuda:
             row["measured_over_predicted"] = row["max_memory_allocated"] / rep.peak
-    print(f"{args.preset}: batch {args.batch}, {steps} steps on {name}: {row['img_per_s']:.1f} img/s, "
+    print(f"{args.preset} (drop path {cfg.model.drop_path_mode}): batch {args.batch}, {steps} steps on {name}: "
+          f"{row['img_per_s']:.1f} img/s, "
           f"{row['step_ms']:.1f} ms/step, {row['tflops']:.2f} TFLOP/s" + (f", MFU {row['mfu']:.3f}" if peak else ""))
     print("  per step: " + ", ".join(f"{k[5:-3]} {v:.1f} ms" for k, v in times.items() if k != "time/step_ms"))
     if cuda:
@@ -119,8 +154,7 @@ def run(args: argparse.Namespace) -> int:
                  if "predicted_peak" in row else ""))
     elif "predicted_peak" in row:
         print(f"  predicted peak (CPU semantics) {row['predicted_peak'] / 2**30:.3f} GiB")
-    write_result("step", [row], args.out, {"config": base, "overrides": preset + args.overrides}, device=name)
-    return 0
+    return row
 
 
 @register_command("bench step")

@@ -36,7 +36,7 @@ from poa_hpc.kernels.sliced_linear import slice_cols
 from poa_hpc.models.ops import elastic_conv2d, elastic_linear
 
 __all__ = ["ElasticLinear", "ElasticConv2d", "ElasticLayerNorm", "ElasticGroupNorm", "ElasticMlp", "LayerScale",
-           "DropPath", "block_ids", "ElasticBackbone"]
+           "DropPath", "DROP_PATH_MODES", "subset_size", "uses_subset", "block_ids", "ElasticBackbone"]
 
 
 def block_ids(total_depth: int, depth: int) -> List[int]:
@@ -146,12 +146,63 @@ class LayerScale(nn.Module):
         return x * self.gamma[: x.shape[-1]]
 
 
-class DropPath(nn.Module):
-    """Per-sample stochastic depth (residual branch dropped, survivors rescaled)."""
+DROP_PATH_MODES = ("auto", "mask", "subset")
 
-    def __init__(self, p: float = 0.0):
+# ``auto`` runs a residual branch on a sample subset above this rate, as DINOv2 and the authors' ViT block
+# ("the overhead is compensated only for a drop path rate larger than 0.1").
+SUBSET_ABOVE = 0.1
+
+
+def uses_subset(mode: str, rate: float) -> bool:
+    """Whether stochastic depth of ``mode`` at ``rate`` runs residual branches on a sample subset in training."""
+    return rate > 0.0 and (mode == "subset" or (mode == "auto" and rate > SUBSET_ABOVE))
+
+
+def subset_size(batch: int, rate: float) -> int:
+    """Samples a residual branch runs on in subset mode: ``max(int(b (1 - rate)), 1)`` (DINOv2), at most ``b``."""
+    return min(max(int(batch * (1 - rate)), 1), batch)
+
+
+class DropPath(nn.Module):
+    """Per-sample stochastic depth of a residual branch, in one of two forms with the same expectation.
+
+    * ``mask``: the branch runs on the whole batch; each sample's branch output is kept with probability
+      ``1 - p`` and rescaled by ``1 / (1 - p)`` (timm's ``DropPath``).  ``drop_path(y)`` applies it to a
+      computed branch output ``y``.
+    * ``subset``: the branch runs only on ``k = max(int(b (1 - p)), 1)`` samples drawn without replacement
+      and is index-added back scaled by ``b / k`` (DINOv2's ``drop_add_residual_stochastic_depth``, the
+      authors' ViT block): the dropped samples' branch is never computed, so the branch costs ``k / b``.
+    * ``auto``: ``subset`` when ``p > 0.1``, else ``mask``, as DINOv2 (``model.drop_path_mode``; the schema's
+      default is ``mask``).
+
+    Use :meth:`add` (``base + branch(inp)`` with the drop applied) in blocks.  Both forms draw from
+    PyTorch's default generator of the input's device, which the trainer seeds from (seed, rank, step) at
+    the start of every step; the draws happen in a fixed order (block, then branch), so the kept samples
+    are a function of (seed, rank, step, block, branch) and resumed runs repeat them.  A batch of zero
+    samples (the blocks a sharded sub-network skips) draws nothing.  Activation checkpointing's recompute
+    restores the generator state (``preserve_rng_state``) and so draws the same subset.  In eval mode, or
+    at ``p = 0``, the branch is added whole.
+    """
+
+    def __init__(self, p: float = 0.0, mode: str = "mask"):
         super().__init__()
         self.p = p
+        self.mode = mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in DROP_PATH_MODES:
+            raise ValueError(f"drop path mode {mode!r} is not one of {list(DROP_PATH_MODES)}")
+        self._mode = mode
+
+    @property
+    def uses_subset(self) -> bool:
+        """Whether :meth:`add` runs the branch on a sample subset in training."""
+        return uses_subset(self.mode, self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
@@ -159,6 +210,25 @@ class DropPath(nn.Module):
         keep = 1.0 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep
+
+    def add(self, base: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor],
+            inp: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``base + drop(branch(inp))`` (``inp`` defaults to ``base``; ``branch`` maps a batch of samples of
+        ``inp`` to the same samples of ``base``'s shape and keeps samples independent of each other)."""
+        inp = base if inp is None else inp
+        b = inp.shape[0]
+        if self.p == 0.0 or not self.training or not self.uses_subset:
+            return base + self(branch(inp))
+        if b == 0:  # a skipped block's empty batch (sync_skipped_blocks): nothing to draw
+            return base + branch(inp)
+        k = subset_size(b, self.p)
+        keep = torch.randperm(b, device=inp.device)[:k]
+        residual = branch(inp[keep])
+        out = torch.index_add(base.flatten(1), 0, keep, residual.flatten(1).to(base.dtype), alpha=b / k)
+        return out.view_as(base)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode={self.mode}"
 
 
 class ElasticBackbone(nn.Module):
@@ -178,6 +248,12 @@ class ElasticBackbone(nn.Module):
         # sub-network skips still runs, on an empty batch, so every rank issues the same
         # all-gathers and reduce-scatters even when ranks train sub-networks of different depth.
         self.sync_skipped_blocks = False
+
+    def set_drop_path_mode(self, mode: str) -> None:
+        """Stochastic depth form of every block (:class:`DropPath`): ``auto`` | ``mask`` | ``subset``."""
+        for m in self.modules():
+            if isinstance(m, DropPath):
+                m.mode = mode
 
     def run_blocks(self, blocks: Sequence[nn.Module], ids: Iterable[int], x: torch.Tensor,
                    call: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:

@@ -114,6 +114,13 @@ class BackboneSpec:
         """Multiply-accumulates (G) of one forward at ``img_size`` (fvcore/timm "GFLOPs")."""
         raise NotImplementedError
 
+    def residual_gflops(self, arch: Any, sub: Any = None, img_size: Optional[int] = None) -> List[Tuple[float, float]]:
+        """Per block the sub-network runs: (multiply-accumulates (G) of one sample through the block's residual
+        branches at ``img_size``, part of :meth:`gflops`; the block's stochastic-depth rate in a network built
+        with ``drop_path_rate=arch.drop_path_rate``).  The FLOPs estimators take out the samples that
+        subset-mode stochastic depth leaves out of these branches.  Default: none (no discount)."""
+        return []
+
     # ------------------------------------------------------------------ optimizer
     def num_layers(self, arch: Any) -> int:
         """Layers of layer-wise lr decay: ids run 0 (embedding) .. num_layers + 1 (final norm, heads)."""

@@ -119,7 +119,8 @@ def estimate_flops(args: argparse.Namespace) -> int:
              "optimizer/clip_adamw": "grad clip + AdamW", "ema/update": "teacher EMA"}
     print(f"POA step on one rank, counted with FlopCounterMode on meta tensors ({cfg.model.arch}, batch {B}/rank: "
           f"{2 * B} global + {cfg.data.n_local * B} local crops, {M if ibot else 0} masked patches, "
-          f"{len(cfg.head.prototypes)} heads of {', '.join(map(str, cfg.head.prototypes))} prototypes)")
+          f"{len(cfg.head.prototypes)} heads of {', '.join(map(str, cfg.head.prototypes))} prototypes, "
+          f"students' stochastic depth: {cfg.model.drop_path_mode} at rate {cfg.model.section.drop_path_rate})")
     print(f"{'part':<42}{'TFLOP':>10}{'share':>8}{'analytic':>10}{'G elem-ops':>12}")
     rows = []
     for r in sf.rows():

@@ -47,6 +47,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from poa_hpc.config import POAConfig
+from poa_hpc.models.elastic import subset_size, uses_subset
 from poa_hpc.models.ops import attention_kernel
 from poa_hpc.models.registry import get_backbone
 from poa_hpc.models.subnets import Subnet
@@ -271,11 +272,24 @@ def _unchunked(cfg: POAConfig) -> POAConfig:
 
 
 # ---------------------------------------------------------------------------- analytic
+def student_gflops(spec, arch, sub: Optional[Subnet], img_size: Optional[int], batch: int, mode: str) -> float:
+    """Multiply-accumulates (G) per crop of a student forward on ``batch`` crops of ``img_size``: ``spec.gflops``
+    less, in each block whose stochastic depth runs on a sample subset (``model.drop_path_mode``), the
+    share ``1 - subset_size(batch, rate) / batch`` of its residual branches that is never computed."""
+    g = spec.gflops(arch, sub, img_size)
+    if batch > 0:
+        for branch, rate in spec.residual_gflops(arch, sub, img_size):
+            if uses_subset(mode, rate):
+                g -= branch * (1.0 - subset_size(batch, rate) / batch)
+    return g
+
+
 def analytic_step_flops(cfg: POAConfig, sub: Subnet, n_masked: int, ibot: bool = True,
                         batch_size: Optional[int] = None) -> Dict[str, float]:
     """Matmul FLOPs of one step per rank from the family's analytic forward cost (``spec.gflops``, multiply-adds)
     and the heads' shapes: backward = 2 x forward, Sinkhorn-Knopp and the chunked losses as the passes they
-    make over the prototype layer.  Cheap enough for every logged step (the trainer's ``tflops``); within
+    make over the prototype layer; the students' backbones without the residual-branch work that subset
+    stochastic depth skips (:func:`student_gflops`).  Cheap enough for every logged step (the trainer's ``tflops``); within
     2 % of :func:`count_step` (tests)."""
     spec, arch = get_backbone(cfg.model.arch), cfg.model.section
     d, h, lc = cfg.data, cfg.head, cfg.loss
@@ -284,10 +298,11 @@ def analytic_step_flops(cfg: POAConfig, sub: Subnet, n_masked: int, ibot: bool =
     space = spec.space(arch)
     n_g, n_l = 2 * B, d.n_local * B
 
-    def backbone(s: Subnet, local: bool = True) -> float:
-        f = 2e9 * n_g * spec.gflops(arch, s, d.global_size)
+    def backbone(s: Subnet, local: bool = True, student: bool = False) -> float:
+        mode = cfg.model.drop_path_mode if student else "mask"  # the teacher never drops
+        f = 2e9 * n_g * student_gflops(spec, arch, s, d.global_size, n_g, mode)
         if n_l and local:
-            f += 2e9 * n_l * spec.gflops(arch, s, d.local_size)
+            f += 2e9 * n_l * student_gflops(spec, arch, s, d.local_size, n_l, mode)
         return f
 
     def mlp(in_dim: int) -> float:  # multiply-adds of one row through a head's MLP
@@ -307,7 +322,7 @@ def analytic_step_flops(cfg: POAConfig, sub: Subnet, n_masked: int, ibot: bool =
     }
     for name, s, extra_rows in (("intact", space.intact, 0), ("elastic", sub, n_g + n_l)):
         dim = spec.feature_dim(arch, s.width)
-        out[f"{name}/backbone"] = 3 * backbone(s)
+        out[f"{name}/backbone"] = 3 * backbone(s, student=True)
         # MLP and prototype layer forward + backward, the masked-patch targets again, same-view sources
         out[f"{name}/heads_losses"] = (3 * 2 * student_rows * n_heads * mlp(dim) + 3 * 2 * student_rows * proto
                                        + 2 * proto * (M + extra_rows))

@@ -105,6 +105,7 @@ def build_branch(cfg: POAConfig, drop_path_rate: float) -> Branch:
     spec, arch = get_backbone(m.arch), m.section
     backbone = spec.build(arch, drop_path_rate=drop_path_rate, linear_backend=m.elastic_linear,
                           attn_backend=m.attention)
+    backbone.set_drop_path_mode(m.drop_path_mode)
     in_dim = spec.feature_dim(arch, spec.space(arch).intact.width)
     heads = build_heads(in_dim, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, m.elastic_linear)
     return Branch(backbone, heads)

@@ -19,6 +19,7 @@ from poa_hpc.models.resnet.model import (
     ResNetArch,
     build_resnet,
     count_params,
+    resnet_block_gflops,
     resnet_gflops,
 )
 from poa_hpc.models.subnets import Subnet, SubnetSpace
@@ -165,6 +166,10 @@ class ResNetSpec(BackboneSpec):
 
     def gflops(self, a: ResNetArch, sub: Optional[Subnet] = None, img_size: Optional[int] = None) -> float:
         return resnet_gflops(a if sub is None else a.sub(sub.width, sub.depth), img_size)
+
+    def residual_gflops(self, a: ResNetArch, sub: Optional[Subnet] = None, img_size: Optional[int] = None):
+        dense = a if sub is None else a.sub(sub.width, sub.depth)
+        return [(g, a.drop_path_rate) for g in resnet_block_gflops(dense, img_size)]  # uniform rate
 
     def num_layers(self, a: ResNetArch) -> int:
         """``sum(depths) - 1``: with ids 0 (stem, mask token) .. ``sum(depths)`` (last block and heads) and the

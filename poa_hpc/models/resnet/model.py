@@ -110,12 +110,14 @@ class Bottleneck(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, mid: Optional[int] = None) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        # GroupNorm is per sample, so the residual branch can run on a sample subset (DropPath's subset mode).
+        return self.act3(self.drop_path.add(shortcut, lambda t: self._branch(t, mid), inp=x))
+
+    def _branch(self, x: torch.Tensor, mid: Optional[int]) -> torch.Tensor:
         y = self.act1(self.bn1(self.conv1(x, mid)))
         y = self.act2(self.bn2(self.conv2(y, mid)))
-        y = self.bn3(self.conv3(y))
-        y = self.drop_path(y)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act3(y + shortcut)
+        return self.bn3(self.conv3(y))
 
 
 class ElasticResNet(ElasticBackbone):
@@ -245,17 +247,29 @@ def resnet_gflops(arch: ResNetArch, img_size: Optional[int] = None) -> float:
     a = arch
     h = _conv_out(img_size or a.img_size, 2)
     macs = h * h * a.in_chans * a.stem_channels * 49
-    h = _conv_out(h, 2)  # max-pool
+    for branch, shortcut in _block_macs(a, img_size):
+        macs += branch + shortcut
+    return macs / 1e9
+
+
+def resnet_block_gflops(arch: ResNetArch, img_size: Optional[int] = None) -> List[float]:
+    """Per block, multiply-accumulates (G) of its residual branch (conv1, conv2, conv3; not the shortcut)."""
+    return [branch / 1e9 for branch, _ in _block_macs(arch, img_size)]
+
+
+def _block_macs(a: ResNetArch, img_size: Optional[int]) -> List[Tuple[int, int]]:
+    """(residual branch, shortcut) convolution multiply-accumulates of every block, in order."""
+    h = _conv_out(_conv_out(img_size or a.img_size, 2), 2)  # stem conv, max-pool
     in_ch = a.stem_channels
+    out_macs = []
     for s, (n, stride) in enumerate(zip(a.depths, STRIDES)):
         out, mid = a.out_channels(s), a.max_width * 2 ** s
         for j in range(n):
             st = stride if j == 0 else 1
             cin = in_ch if j == 0 else out
             ho = _conv_out(h, st)
-            macs += h * h * cin * mid + ho * ho * (mid * mid * 9 + mid * out)
-            if j == 0 and (st != 1 or cin != out):
-                macs += ho * ho * cin * out
+            shortcut = ho * ho * cin * out if j == 0 and (st != 1 or cin != out) else 0
+            out_macs.append((h * h * cin * mid + ho * ho * (mid * mid * 9 + mid * out), shortcut))
             h = ho
         in_ch = out
-    return macs / 1e9
+    return out_macs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from poa_hpc.errors import ConfigError
@@ -16,7 +17,15 @@ from poa_hpc.kernels.sliced_linear import slice_cols, slice_rows
 from poa_hpc.models.elastic import block_ids
 from poa_hpc.models.registry import BackboneSpec, TimmExport, register_backbone
 from poa_hpc.models.subnets import Subnet, SubnetSpace
-from poa_hpc.models.swin.model import ELASTIC_STAGE, ElasticSwin, SwinArch, build_swin, count_params, swin_gflops
+from poa_hpc.models.swin.model import (
+    ELASTIC_STAGE,
+    ElasticSwin,
+    SwinArch,
+    build_swin,
+    count_params,
+    swin_block_gflops,
+    swin_gflops,
+)
 
 __all__ = ["ElasticSwin", "SwinArch", "build_swin", "count_params", "swin_gflops", "SwinSpec"]
 
@@ -189,6 +198,17 @@ class SwinSpec(BackboneSpec):
 
     def gflops(self, a: SwinArch, sub: Optional[Subnet] = None, img_size: Optional[int] = None) -> float:
         return swin_gflops(a if sub is None else a.sub(sub.width, sub.depth), img_size)
+
+    def residual_gflops(self, a: SwinArch, sub: Optional[Subnet] = None, img_size: Optional[int] = None):
+        """Rates linspace(0, rate, sum(depths)) over the intact blocks; a shallower stage 3 keeps its blocks'."""
+        dense = a if sub is None else a.sub(sub.width, sub.depth)
+        dpr = np.linspace(0, a.drop_path_rate, sum(a.depths)).tolist()
+        out = []
+        for s, g in enumerate(swin_block_gflops(dense, img_size)):
+            start = sum(a.depths[:s])
+            ids = block_ids(a.depths[s], dense.depths[s]) if s == ELASTIC_STAGE else range(a.depths[s])
+            out += [(g, dpr[start + i]) for i in ids]
+        return out
 
     # ------------------------------------------------------------------ optimizer
     def num_layers(self, a: SwinArch) -> int:

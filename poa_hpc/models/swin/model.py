@@ -235,8 +235,9 @@ class SwinBlock(nn.Module):
         return out[:, :H, :W]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self._attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # Windows and shifts are per sample, so a sample subset (DropPath's subset mode) is exact.
+        x = self.drop_path.add(x, lambda t: self._attn(self.norm1(t)))
+        return self.drop_path.add(x, lambda t: self.mlp(self.norm2(t)))
 
 
 class PatchMerging(nn.Module):
@@ -386,13 +387,27 @@ def swin_gflops(arch: SwinArch, img_size: Optional[int] = None) -> float:
     size = img_size or arch.img_size
     H = W = size // arch.patch_size
     widths = arch.stage_widths()
-    ws = arch.window_size
     total = H * W * arch.in_chans * arch.patch_size ** 2 * widths[0]
-    for s, (c, depth) in enumerate(zip(widths, arch.depths)):
+    for s in range(1, len(widths)):
+        H, W = (H + 1) // 2, (W + 1) // 2
+        total += H * W * 4 * widths[s - 1] * widths[s]
+    return (total + sum(d * m for d, m in zip(arch.depths, _block_macs(arch, img_size)))) / 1e9
+
+
+def swin_block_gflops(arch: SwinArch, img_size: Optional[int] = None) -> List[float]:
+    """Per stage, multiply-accumulates (G) of one block's residual branches (window attention on the map
+    padded to whole windows, MLP) at ``img_size``."""
+    return [m / 1e9 for m in _block_macs(arch, img_size)]
+
+
+def _block_macs(arch: SwinArch, img_size: Optional[int]) -> List[int]:
+    H = W = (img_size or arch.img_size) // arch.patch_size
+    ws = arch.window_size
+    out = []
+    for s, c in enumerate(arch.stage_widths()):
         if s > 0:
             H, W = (H + 1) // 2, (W + 1) // 2
-            total += H * W * 4 * widths[s - 1] * c
         padded = math.ceil(H / ws) * ws * math.ceil(W / ws) * ws
         h = int(c * arch.mlp_ratio)
-        total += depth * (padded * (4 * c * c + 2 * ws * ws * c) + H * W * 2 * c * h)
-    return total / 1e9
+        out.append(padded * (4 * c * c + 2 * ws * ws * c) + H * W * 2 * c * h)
+    return out

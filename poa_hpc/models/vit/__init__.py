@@ -11,7 +11,15 @@ from poa_hpc.kernels.sliced_linear import slice_rows
 from poa_hpc.models.elastic import block_ids
 from poa_hpc.models.registry import BackboneSpec, TimmExport, register_backbone
 from poa_hpc.models.subnets import Subnet, SubnetSpace
-from poa_hpc.models.vit.model import ElasticViT, ViTArch, build_vit, count_params, resize_pos_embed, vit_gflops
+from poa_hpc.models.vit.model import (
+    ElasticViT,
+    ViTArch,
+    build_vit,
+    count_params,
+    resize_pos_embed,
+    vit_block_gflops,
+    vit_gflops,
+)
 
 __all__ = ["ElasticViT", "ViTArch", "build_vit", "count_params", "vit_gflops", "ViTSpec"]
 
@@ -144,6 +152,10 @@ class ViTSpec(BackboneSpec):
 
     def gflops(self, a: ViTArch, sub: Optional[Subnet] = None, img_size: Optional[int] = None) -> float:
         return vit_gflops(a if sub is None else a.sub(sub.width, sub.depth), img_size)
+
+    def residual_gflops(self, a: ViTArch, sub: Optional[Subnet] = None, img_size: Optional[int] = None):
+        dense = a if sub is None else a.sub(sub.width, sub.depth)
+        return [(vit_block_gflops(dense, img_size), a.drop_path_rate)] * dense.depth  # uniform rate
 
     def num_layers(self, a: ViTArch) -> int:
         return a.depth

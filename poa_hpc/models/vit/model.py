@@ -86,8 +86,8 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = self.drop_path.add(x, lambda t: self.ls1(self.attn(self.norm1(t))))
+        return self.drop_path.add(x, lambda t: self.ls2(self.mlp(self.norm2(t))))
 
 
 @dataclass
@@ -246,7 +246,17 @@ def vit_gflops(arch: ViTArch, img_size: Optional[int] = None) -> float:
     """
     s = img_size or arch.img_size
     N = 1 + (s // arch.patch_size) ** 2
-    D, hidden = arch.embed_dim, int(arch.embed_dim * arch.mlp_ratio)
+    D = arch.embed_dim
     patch = (N - 1) * arch.in_chans * arch.patch_size ** 2 * D
-    per_block = N * 3 * D * D + 2 * N * N * D + N * D * D + 2 * N * D * hidden
-    return (patch + arch.depth * per_block) / 1e9
+    return (patch + arch.depth * _block_macs(arch, img_size)) / 1e9
+
+
+def _block_macs(arch: ViTArch, img_size: Optional[int]) -> int:
+    N = 1 + ((img_size or arch.img_size) // arch.patch_size) ** 2
+    D, hidden = arch.embed_dim, int(arch.embed_dim * arch.mlp_ratio)
+    return N * 3 * D * D + 2 * N * N * D + N * D * D + 2 * N * D * hidden
+
+
+def vit_block_gflops(arch: ViTArch, img_size: Optional[int] = None) -> float:
+    """Multiply-accumulates (G) of one block's residual branches (attention, MLP) at ``img_size``."""
+    return _block_macs(arch, img_size) / 1e9
