@@ -173,3 +173,27 @@ def test_sigkill_mid_two_rank_finetune_resumes(tmp_path, two_ranks):
     assert b["epoch"] == 3 and b["per_epoch"] == two["per_epoch"]
     for k, v in two["model"].items():  # same ranks, same reduction order: bit for bit
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_sbatch_finetune_script_runs_two_srun_tasks(slurm_cluster, tmp_path, two_ranks):
+    """slurm/finetune_srun.sbatch: 2 srun tasks build their process group from Slurm's variables (rank 0's
+    port published in --ft-out) and compute what 2 torchrun ranks compute, bit for bit."""
+    f, _, two = two_ranks
+    out = tmp_path / "ft"
+    env = {**slurm_cluster.env, **ENV1, "POA_PYTHON": sys.executable}
+    r = slurm_cluster.run(
+        "sbatch", "--parsable", "--partition", slurm_cluster.partition, "--gpus-per-node=0", "--ntasks-per-node=2",
+        "--cpus-per-task=1", "--time=15", f"--output={tmp_path / 'job.out'}",
+        str(Path(__file__).resolve().parents[1] / "slurm" / "finetune_srun.sbatch"), str(f), *DP_ARGS,
+        "--ft-out", str(out), env=env, cwd=Path(__file__).resolve().parents[1])
+    job = r.stdout.strip().split(";")[0]
+    text = lambda: (tmp_path / "job.out").read_text()  # noqa: E731
+    assert slurm_cluster.wait_done(job, timeout=240) == "COMPLETED", text()
+    ck = torch.load(out / f.stem / "finetune.pt", weights_only=False)
+    assert ck["world_size"] == 2 and ck["epoch"] == 3 and ck["per_epoch"] == two["per_epoch"]
+    for k, v in two["model"].items():
+        torch.testing.assert_close(ck["model"][k], v, rtol=0, atol=0, msg=k)
+    assert text().count("finetune: epoch 3/3") == 1  # rank 0 alone logs
+    assert not list(out.glob("rendezvous_*"))  # the published port is removed once every rank read it
