@@ -271,6 +271,11 @@ class EvalSweepCommand:
         _add_data_arguments(sw)
         for name in protocol_names():
             get_protocol(name).add_arguments(sw)
+        for name in protocol_names():
+            if "model" in get_protocol(name).needs:
+                sw.add_argument(f"--{name}-subnets", metavar="SUBNETS",
+                                help=f"run {name} on these of --subnets only (same names, and smallest, middle, "
+                                     "intact); the other rows get an empty column (default: all)")
         sw.add_argument("overrides", nargs="*", default=[],
                         help="dotted overrides of data.* / eval.*, e.g. data.root=/imagenet")
 
@@ -299,6 +304,17 @@ class EvalSweepCommand:
         train_cfg, backbone, step = load_teacher(args.checkpoint, args.branch)
         try:
             subs = resolve_subnets(train_cfg.model.arch, train_cfg.model.section, args.subnets)
+            subsets = {}
+            for p in protocols:
+                text = getattr(args, f"{p.name}_subnets", None) if "model" in p.needs else None
+                if text:
+                    try:
+                        subsets[p.name] = resolve_subnets(train_cfg.model.arch, train_cfg.model.section, text)
+                    except ValueError as exc:
+                        raise ValueError(f"--{p.name}-subnets: {str(exc).removeprefix('--subnets: ')}") from None
+            given = [p for p in protocol_names() if getattr(args, f"{p}_subnets", None) and p not in subsets]
+            if given:
+                raise ValueError(f"--{given[0]}-subnets: add {given[0]} to --protocols")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         # Data and evaluation settings: the run's, then --config, then overrides; the model stays the checkpoint's.
@@ -311,7 +327,8 @@ class EvalSweepCommand:
                              train_per_class=args.train_per_class or 0, protocols=runs, seed=args.seed,
                              batch_size=args.batch_size, reference=reference,
                              reference_label=args.reference_label or (Path(args.reference).stem if args.reference else ""),
-                             max_feature_gb=args.max_feature_gb, progress=not args.no_progress)
+                             max_feature_gb=args.max_feature_gb, progress=not args.no_progress,
+                             protocol_subnets=subsets)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         print(format_sweep_table(rows, protocols=runs))
