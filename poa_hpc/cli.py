@@ -86,6 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a command that relaunches itself (torchrun)
     from poa_hpc.distributed.env import setup_logging
     from poa_hpc.launch.status import classify_error, exit_rank
 

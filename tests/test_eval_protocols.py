@@ -229,3 +229,57 @@ def test_poa_select_chooses_and_exports(tmp_path, capsys):
     smallest = min(rows, key=lambda r: r["latency_ms_eager"])
     assert smallest["name"] in err and f"{smallest['latency_ms_eager']:.4g} ms" in err
     assert main(["select", str(run), "--max-gflops", "1", "--metric", "linear"]) == 2  # no linear column
+
+
+# ------------------------------------------------------------------ finetune on a chosen subset
+def test_finetune_protocol_on_a_subset_of_the_sweep(tmp_path, capsys):
+    """`--finetune-subnets smallest,intact`: the sweep fine-tunes those two alone (the same fine-tune as
+    `poa eval finetune` on their extracted files), the other rows get an empty CSV cell and a JSON null."""
+    import csv
+
+    from poa_hpc.cli import main
+    from poa_hpc.models.extract import extract_state_dict, save_subnet
+    from poa_hpc.models.subnets import probe_subnets
+
+    cfg, backbone, space = _tiny_run(tmp_path)
+    smallest, middle, intact = probe_subnets(space)
+    assert space.resolve("Smallest, intact,middle") == [smallest, intact, middle]
+    ft = ["--ft-epochs", "1", "--ft-warmup-epochs", "0", "--ft-lr", "0.01", "--train-per-class", "10",
+          "--no-progress", "data.num_workers=0"]
+    subs = f"{smallest},{middle},{intact}"
+    code = main(["eval", "sweep", str(tmp_path / "run"), "--protocols", "knn,finetune", "--subnets", subs,
+                 "--finetune-subnets", "smallest,intact", "--out", str(tmp_path / "out"),
+                 "--ft-out", str(tmp_path / "ft"), *ft])
+    assert code == 0, capsys.readouterr().err
+    with (tmp_path / "out" / "sweep.csv").open() as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert list(rows) == [f"vit_{s}" for s in (smallest, middle, intact)]
+    assert rows[f"vit_{middle}"]["finetune_top1"] == "" and rows[f"vit_{middle}"]["knn_top1"] != ""
+    doc = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    js = {r["name"]: r for r in doc["rows"]}
+    assert js[f"vit_{middle}"]["finetune_top1"] is None and js[f"vit_{middle}"]["finetune_per_epoch"] is None
+    assert doc["provenance"]["finetune"]["subnets"] == [f"vit_{smallest}", f"vit_{intact}"]
+    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == sorted([f"vit_{smallest}", f"vit_{intact}"])
+    assert (tmp_path / "out" / "sweep.png").read_bytes().startswith(b"\x89PNG")
+    # the same fine-tune as poa eval finetune on the extracted sub-network
+    for s in (smallest, intact):
+        arch, state = extract_state_dict(backbone, s)
+        f = save_subnet(tmp_path / "files" / f"vit_{s}.safetensors", "vit", arch, state, width=s.width,
+                        depth=s.depth, config=to_dict(cfg))
+        assert main(["eval", "finetune", str(f), "--ft-out", str(tmp_path / "ft_files"), *ft]) == 0
+        assert float(rows[f"vit_{s}"]["finetune_top1"]) == js[f"vit_{s}"]["finetune_top1"]
+        a = torch.load(tmp_path / "ft" / f"vit_{s}" / "finetune.pt", weights_only=False)
+        b = torch.load(tmp_path / "ft_files" / f"vit_{s}" / "finetune.pt", weights_only=False)
+        assert a["per_epoch"] == b["per_epoch"] == js[f"vit_{s}"]["finetune_per_epoch"]
+        for k, v in a["model"].items():
+            torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+    capsys.readouterr()
+    # a subset outside --subnets, or without the protocol, is a one-line error
+    for extra, message in ((["--subnets", str(smallest), "--finetune-subnets", "intact"], "not among the sweep"),
+                           (["--protocols", "knn", "--finetune-subnets", "intact"], "add finetune to --protocols"),
+                           (["--finetune-subnets", "huge"], "--finetune-subnets: 'huge' is not a sub-network")):
+        args = ["eval", "sweep", str(tmp_path / "run"), "--protocols", "knn,finetune", "--out", str(tmp_path / "x"),
+                *ft, *extra]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

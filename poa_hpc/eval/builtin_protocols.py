@@ -178,6 +178,7 @@ class FinetuneProtocol(Protocol):
     help = ("full fine-tuning with a linear head: AdamW, layer-wise lr decay, drop path, cosine schedule, label "
             "smoothing, mixup/CutMix, optional EMA; val top-1")
     needs = ("model",)
+    distributed = True  # data-parallel under torchrun / srun (poa eval finetune --nproc N)
 
     def add_arguments(self, parser):
         from poa_hpc.eval.finetune import FinetuneOptions
@@ -246,7 +247,8 @@ class FinetuneProtocol(Protocol):
             return m
 
         out = Path(opts["out"]) / f"{model.family}_{sub}" if opts["out"] else None
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # in a process group init_distributed has set this rank's GPU as the current one
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         r = finetune(build, spec, model.arch, spec.feature_dim(model.arch, sub.width), opts["train"], opts["val"],
                      opts["num_classes"], opts["options"], out, device=device,
                      log=print if opts["progress"] else (lambda s: None))

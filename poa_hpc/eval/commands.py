@@ -114,6 +114,12 @@ def _file_command(name: str) -> type:
             p.add_argument("--config", help="config whose data/eval sections to use (default: recorded in the file)")
             _add_data_arguments(p)
             proto.add_arguments(p)
+            if proto.distributed:
+                p.add_argument("--nproc", type=int, default=1,
+                               help="data-parallel processes on this machine (launches torchrun; under torchrun or "
+                                    "srun the ranks come from the launcher)")
+                p.add_argument("--dist-timeout", type=float, default=600,
+                               help="seconds a collective waits for the other ranks (default: %(default)s)")
             p.set_defaults(overrides=[])
 
         @staticmethod
@@ -124,8 +130,70 @@ def _file_command(name: str) -> type:
     return FileProtocolCommand
 
 
+def _relaunch_under_torchrun(args: argparse.Namespace) -> int:
+    """``--nproc N`` outside a launch: the same command under torchrun, N processes on this machine."""
+    from poa_hpc.launch.commands import torchrun
+
+    argv, skip = [], False
+    for a in args.argv:  # the command line less --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    return torchrun(["--standalone", f"--nproc_per_node={args.nproc}", "-m", "poa_hpc", *argv], 0)
+
+
+def _join_launch(args: argparse.Namespace):
+    """The process group of a distributed protocol under torchrun / srun (``None`` for one process); on
+    ranks other than 0 the progress output is off."""
+    import os
+
+    from poa_hpc.distributed.env import init_distributed, slurm_launch_env
+
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: expected a positive number of processes")
+    launched = "RANK" in os.environ or slurm_launch_env() is not None
+    if not launched:
+        return None
+    # srun without MASTER_PORT: rank 0 publishes its port in a folder every rank sees (--ft-out's)
+    ctx = init_distributed("auto", args.dist_timeout, getattr(args, "ft_out", None))
+    if not ctx.is_main:
+        args.no_progress = True
+    return ctx
+
+
 def run_on_files(proto, args: argparse.Namespace) -> int:
-    """``poa eval <protocol> FILES``: the protocol on extracted sub-network files, as a table."""
+    """``poa eval <protocol> FILES``: the protocol on extracted sub-network files, as a table.
+
+    A distributed protocol (``finetune``) with ``--nproc N`` relaunches the command under torchrun; under
+    torchrun / srun every rank runs it together and rank 0 prints the table."""
+    if proto.distributed:
+        import os
+
+        from poa_hpc.distributed.env import slurm_launch_env
+
+        if args.nproc > 1 and "RANK" not in os.environ and slurm_launch_env() is None:
+            return _relaunch_under_torchrun(args)
+        ctx = _join_launch(args)
+        try:
+            code = _run_on_files(proto, args, ctx is None or ctx.is_main)
+        except BaseException:
+            if ctx is not None and ctx.distributed:  # no barrier: the other ranks may be gone
+                import torch.distributed
+
+                torch.distributed.destroy_process_group()
+            raise
+        if ctx is not None and ctx.distributed:
+            from poa_hpc.distributed.env import shutdown
+
+            shutdown()
+        return code
+    return _run_on_files(proto, args, True)
+
+
+def _run_on_files(proto, args: argparse.Namespace, main: bool) -> int:
     import torch
 
     from poa_hpc.eval.evaluate import dense_cost
@@ -163,6 +231,8 @@ def run_on_files(proto, args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     rows = [SweepRow(name, "", sub.width, sub.depth, params / 1e6, gflops, v)
             for (name, _), (sub, params, gflops), v in zip(models, costs, values)]
+    if not main:
+        return 0
     for p, opts in runs:
         p.after(rows, opts, print)
     print(format_sweep_table(rows, title=proto.help, protocols=runs))
@@ -201,6 +271,11 @@ class EvalSweepCommand:
         _add_data_arguments(sw)
         for name in protocol_names():
             get_protocol(name).add_arguments(sw)
+        for name in protocol_names():
+            if "model" in get_protocol(name).needs:
+                sw.add_argument(f"--{name}-subnets", metavar="SUBNETS",
+                                help=f"run {name} on these of --subnets only (same names, and smallest, middle, "
+                                     "intact); the other rows get an empty column (default: all)")
         sw.add_argument("overrides", nargs="*", default=[],
                         help="dotted overrides of data.* / eval.*, e.g. data.root=/imagenet")
 
@@ -229,6 +304,17 @@ class EvalSweepCommand:
         train_cfg, backbone, step = load_teacher(args.checkpoint, args.branch)
         try:
             subs = resolve_subnets(train_cfg.model.arch, train_cfg.model.section, args.subnets)
+            subsets = {}
+            for p in protocols:
+                text = getattr(args, f"{p.name}_subnets", None) if "model" in p.needs else None
+                if text:
+                    try:
+                        subsets[p.name] = resolve_subnets(train_cfg.model.arch, train_cfg.model.section, text)
+                    except ValueError as exc:
+                        raise ValueError(f"--{p.name}-subnets: {str(exc).removeprefix('--subnets: ')}") from None
+            given = [p for p in protocol_names() if getattr(args, f"{p}_subnets", None) and p not in subsets]
+            if given:
+                raise ValueError(f"--{given[0]}-subnets: add {given[0]} to --protocols")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         # Data and evaluation settings: the run's, then --config, then overrides; the model stays the checkpoint's.
@@ -241,7 +327,8 @@ class EvalSweepCommand:
                              train_per_class=args.train_per_class or 0, protocols=runs, seed=args.seed,
                              batch_size=args.batch_size, reference=reference,
                              reference_label=args.reference_label or (Path(args.reference).stem if args.reference else ""),
-                             max_feature_gb=args.max_feature_gb, progress=not args.no_progress)
+                             max_feature_gb=args.max_feature_gb, progress=not args.no_progress,
+                             protocol_subnets=subsets)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         print(format_sweep_table(rows, protocols=runs))

@@ -7,6 +7,11 @@ schedule after a linear warm-up, label smoothing, optional mixup / CutMix (timm'
 optional EMA of the weights (evaluated instead of the weights when on).  Top-1 on the validation split
 after every epoch.  A checkpoint is written atomically after every epoch to ``<out>/finetune.pt``; a
 run started again with the same ``--out`` continues from it (a killed fine-tune resumes).
+
+Under torchrun or srun (``poa eval finetune --nproc N``, or ``srun ... poa eval finetune``) the same
+fine-tune runs data-parallel: each rank trains on its share of every global batch (DDP, gloo on the
+CPU, NCCL on GPUs), the validation top-1 is counted on a shard of the validation set per rank and
+summed, and rank 0 alone logs and writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,12 +23,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ["FinetuneOptions", "finetune"]
+__all__ = ["FinetuneOptions", "finetune", "CHECKPOINT_FORMAT"]
+
+#: ``finetune.pt``'s layout and data order (2: the step sampler of the determinism contract).
+CHECKPOINT_FORMAT = 2
+FINETUNE_STREAM = 0x4654  # "FT": the random stream of drop path and mixup
 
 
 @dataclass
@@ -84,15 +95,49 @@ def _lr_at(step: int, total: int, warmup: int, o: FinetuneOptions) -> float:
 
 
 @torch.no_grad()
-def _top1(model: nn.Module, loader: DataLoader, device) -> float:
+def _top1(model: nn.Module, val: Dataset, device, rank: int, world: int, num_workers: int) -> float:
+    """Top-1 (%) on ``val``, sharded: rank r scores items r, r + W, ...; the counts are summed over ranks."""
     model.eval()
+    shard = Subset(val, range(rank, len(val), world)) if world > 1 else val
     correct = n = 0
-    for x, y, *_ in loader:
+    for x, y, *_ in DataLoader(shard, batch_size=256, shuffle=False, num_workers=num_workers):
         pred = model(x.to(device)).argmax(1).cpu()
         y = torch.as_tensor(y).reshape(-1)
         correct += int((pred == y).sum())
         n += len(y)
+    if world > 1:
+        counts = torch.tensor([correct, n], dtype=torch.int64, device=device)
+        dist.all_reduce(counts)
+        correct, n = (int(v) for v in counts.tolist())
     return 100.0 * correct / n
+
+
+class _Steps:
+    """Batch sampler of steps ``start .. end - 1``: this rank's indices of each global batch
+    (:class:`poa_hpc.data.samplers.StepBatchSampler`: a pure function of (seed, step, rank))."""
+
+    def __init__(self, sampler, start: int, end: int):
+        self.sampler, self.start, self.end = sampler, start, end
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            yield self.sampler.indices_for_step(step)
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def _unused_parameters(model: nn.Module, img_size: int, device) -> list:
+    """Parameters without a gradient from a forward of the classifier (e.g. ViT's mask token): frozen, so
+    that DDP's gradient buckets and the optimizer hold only trained ones (AdamW skips them either way)."""
+    was = model.training
+    model.eval()
+    x = torch.zeros(2, 3, img_size, img_size, device=device)
+    model(x).float().sum().backward()
+    unused = [p for p in model.parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    model.train(was)
+    return unused
 
 
 def finetune(backbone_builder: Callable[[float], nn.Module], spec, arch, feature_dim: int, train: Dataset,
@@ -101,13 +146,33 @@ def finetune(backbone_builder: Callable[[float], nn.Module], spec, arch, feature
              stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
     """Fine-tune ``backbone_builder(drop_path)`` (a dense network with its weights loaded) with a new head.
 
+    In a process group (torchrun, srun) the run is data-parallel: ``opts.batch_size`` is the global batch,
+    each rank trains on its share of it (DDP averages the gradients), the validation set is split over the
+    ranks and the counts summed; only rank 0 logs and writes the checkpoint.  Which images a rank reads at a
+    step, and the random draws of drop path and mixup, are pure functions of (seed, step, rank), so a resumed
+    run continues exactly, and W ranks compute the one-process run up to float rounding (without drop path
+    and mixup, whose draws are per rank).
+
     Returns ``{"top1": final val top-1 (%), "per_epoch": [...], "ema": bool, "options": ...}``.  With ``out``,
     ``<out>/finetune.pt`` is written after every epoch and resumed from when present."""
     from poa_hpc.checkpoint.layout import atomic_save
+    from poa_hpc.data.samplers import StepBatchSampler
+    from poa_hpc.data.transforms import derive_seed
 
     device = torch.device(device)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    if opts.batch_size % world:
+        raise ValueError(f"--ft-batch-size {opts.batch_size} (the global batch) is not divisible by the {world} ranks")
+    if len(train) < opts.batch_size:
+        raise ValueError(f"fine-tuning: {len(train)} training images, fewer than one batch (--ft-batch-size "
+                         f"{opts.batch_size})")
+    if rank != 0:
+        log = _quiet  # one voice: rank 0's
     torch.manual_seed(opts.seed)
     model = _Classifier(backbone_builder(opts.drop_path), feature_dim, num_classes).to(device)
+    for p in _unused_parameters(model, int(val[0][0].shape[-1]), device):
+        p.requires_grad_(False)
     groups = _param_groups(model, spec, arch, opts)
     optim = torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, 0.999))
     ema = copy.deepcopy(model).requires_grad_(False) if opts.ema > 0 else None
@@ -117,32 +182,39 @@ def finetune(backbone_builder: Callable[[float], nn.Module], spec, arch, feature
 
         mixup = Mixup(mixup_alpha=opts.mixup, cutmix_alpha=opts.cutmix, label_smoothing=opts.label_smoothing,
                       num_classes=num_classes)
-    gen = torch.Generator().manual_seed(opts.seed)
-    loader = DataLoader(train, batch_size=opts.batch_size, shuffle=True, drop_last=len(train) > opts.batch_size,
-                        num_workers=opts.num_workers, generator=gen)
-    val_loader = DataLoader(val, batch_size=256, shuffle=False, num_workers=opts.num_workers)
-    total, warmup = opts.epochs * len(loader), opts.warmup_epochs * len(loader)
+    iters = len(train) // opts.batch_size  # drop_last
+    sampler = StepBatchSampler(len(train), opts.batch_size // world, opts.seed, iters, rank, world)
+    total, warmup = opts.epochs * iters, opts.warmup_epochs * iters
     start, history = 0, []
     ckpt_path = Path(out) / "finetune.pt" if out is not None else None
     if ckpt_path is not None and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["options"] != asdict(opts):
-            from poa_hpc.errors import ResumeError
+        from poa_hpc.errors import ResumeError
 
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck.get("format") != CHECKPOINT_FORMAT:
+            raise ResumeError(f"{ckpt_path}: written by another version of the fine-tuning (its data order "
+                              "differs); use another --out")
+        if ck["options"] != asdict(opts):
             raise ResumeError(f"{ckpt_path}: written with other fine-tuning options; use another --out")
         model.load_state_dict(ck["model"])
         optim.load_state_dict(ck["optimizer"])
         if ema is not None:
             ema.load_state_dict(ck["ema"])
         start, history = ck["epoch"], ck["per_epoch"]
-        gen.set_state(ck["loader_rng"])
-        torch.set_rng_state(ck["torch_rng"])
         log(f"finetune: resumed from {ckpt_path} after epoch {start}")
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     for epoch in range(start, opts.epochs):
         model.train()
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for i, (x, y, *_) in enumerate(loader):
-            step = epoch * len(loader) + i
+        t0, sums = time.perf_counter(), torch.zeros(2, dtype=torch.float64)
+        steps = _Steps(sampler, epoch * iters, (epoch + 1) * iters)
+        loader = DataLoader(train, batch_sampler=steps, num_workers=opts.num_workers)
+        for step, (x, y, *_) in zip(range(steps.start, steps.end), loader):
+            # drop path and mixup draw from generators seeded by (seed, step, rank): resumable, launch-independent
+            seed = derive_seed(opts.seed, FINETUNE_STREAM, step, rank)
+            torch.manual_seed(seed)
+            np.random.seed(seed % (1 << 32))
             lr = _lr_at(step, total, warmup, opts)
             for g in optim.param_groups:
                 g["lr"] = lr * g["lr_mult"]
@@ -151,9 +223,9 @@ def finetune(backbone_builder: Callable[[float], nn.Module], spec, arch, feature
                 if len(x) % 2:
                     x, y = x[:-1], y[:-1]
                 x, target = mixup(x, y)
-                loss = torch.sum(-target * F.log_softmax(model(x), dim=-1), dim=-1).mean()
+                loss = torch.sum(-target * F.log_softmax(net(x), dim=-1), dim=-1).mean()
             else:
-                loss = F.cross_entropy(model(x), y, label_smoothing=opts.label_smoothing)
+                loss = F.cross_entropy(net(x), y, label_smoothing=opts.label_smoothing)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -161,18 +233,28 @@ def finetune(backbone_builder: Callable[[float], nn.Module], spec, arch, feature
                 with torch.no_grad():
                     for pe, pm in zip(ema.parameters(), model.parameters()):
                         pe.lerp_(pm, 1.0 - opts.ema)
-            loss_sum += float(loss.detach()) * len(x)
-            seen += len(x)
-        top1 = _top1(ema if ema is not None else model, val_loader, device)
+            sums += torch.tensor([float(loss.detach()) * len(x), len(x)], dtype=torch.float64)
+        if world > 1:
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+        top1 = _top1(ema if ema is not None else model, val, device, rank, world, opts.num_workers)
         history.append(top1)
+        loss_sum, seen = sums.tolist()
         log(f"finetune: epoch {epoch + 1}/{opts.epochs}  loss {loss_sum / max(seen, 1):.4f}  val top-1 {top1:.2f}%  "
             f"({time.perf_counter() - t0:.1f} s)")
         if ckpt_path is not None:
-            atomic_save({"epoch": epoch + 1, "per_epoch": history, "model": model.state_dict(),
-                         "optimizer": optim.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                         "options": asdict(opts), "loader_rng": gen.get_state(), "torch_rng": torch.get_rng_state()},
-                        ckpt_path)
+            if rank == 0:
+                atomic_save({"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "per_epoch": history,
+                             "model": model.state_dict(), "optimizer": optim.state_dict(),
+                             "ema": ema.state_dict() if ema is not None else None, "options": asdict(opts),
+                             "world_size": world}, ckpt_path)
+            if world > 1:
+                dist.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     return {"top1": history[-1] if history else float("nan"), "per_epoch": history, "ema": ema is not None,
             "options": asdict(opts)}
+
+
+def _quiet(_: str) -> None:
+    pass

@@ -13,6 +13,10 @@ sub-network:
 * a *model* protocol implements ``measure(model, img_size, opts) -> {column: value}`` on the dense
   network (built from the elastic teacher by the sweep, or loaded from a file by ``poa eval <name>``).
 
+A model protocol with ``distributed = True`` (``finetune``) runs data-parallel when ``poa eval <name>``
+is started under torchrun or srun (or with ``--nproc N``): every rank calls ``measure`` on every network
+together and only rank 0 prints.
+
 ``add_arguments(parser)`` adds the protocol's own options (to ``poa eval <name>`` and to
 ``poa eval sweep``), ``options(args, cfg)`` turns them into the ``opts`` dict, ``provenance(opts)``
 is what ``sweep.json`` records about the protocol.  Register with :func:`register_protocol`.
@@ -77,6 +81,9 @@ class Protocol:
     name: str = ""
     help: str = ""
     needs: Tuple[str, ...] = ()  # "features" (with labels) or "model"
+    #: A model protocol that runs data-parallel in a process group: ``poa eval <name> --nproc N`` launches it
+    #: under torchrun, and under torchrun / srun every rank runs ``measure`` together (rank 0 prints).
+    distributed: bool = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         pass

@@ -243,18 +243,25 @@ def dense_network(backbone: torch.nn.Module, arch: Any, sub: Subnet) -> torch.nn
 
 
 def measure_networks(models: Sequence[Callable[[], torch.nn.Module]], img_size: int, protocols: Sequence[Run], *,
-                     progress: bool = True, timings: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+                     progress: bool = True, timings: Optional[Dict[str, float]] = None,
+                     only: Optional[Dict[str, Sequence[int]]] = None) -> List[Dict[str, Any]]:
     """The values of every model protocol for each network (``models``: builders of the dense networks,
-    called one at a time so one network is in memory)."""
+    called one at a time so one network is in memory).  ``only`` (protocol name -> indices into ``models``)
+    runs a protocol on those networks alone; the others get ``None`` in its columns."""
     runs = [(p, o) for p, o in protocols if "model" in p.needs]
     results: List[Dict[str, Any]] = [{} for _ in models]
     if not runs:
         return results
+    only = {name: set(idx) for name, idx in (only or {}).items()}
+    todo = [[(p, o) for p, o in runs if p.name not in only or i in only[p.name]] for i in range(len(models))]
     t0 = time.perf_counter()
-    with _progress(len(models), " + ".join(p.name for p, _ in runs), progress, "net") as bar:
+    with _progress(sum(1 for t in todo if t), " + ".join(p.name for p, _ in runs), progress, "net") as bar:
         for i, build in enumerate(models):
+            results[i].update({c.key: None for p, o in runs if (p, o) not in todo[i] for c in p.columns(o)})
+            if not todo[i]:
+                continue
             model = build()
-            for p, opts in runs:
+            for p, opts in todo[i]:
                 results[i].update(p.measure(model, img_size, opts))
             del model
             bar.update(1)
@@ -287,6 +294,7 @@ def run_sweep(
     max_feature_gb: float = 8.0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    protocol_subnets: Optional[Dict[str, Sequence[Subnet]]] = None,
 ) -> List[SweepRow]:
     """Evaluate ``subnets`` of the elastic ``backbone`` (a family's ``ElasticBackbone``, e.g. the
     teacher) on ``cfg``'s evaluation data (``data.*``, ``eval.*``) with ``protocols`` (``[(protocol,
@@ -294,7 +302,9 @@ def run_sweep(
     ``seed`` say); write ``sweep.json``, ``sweep.csv`` and ``sweep.png`` under ``out_dir`` when given.
     Returns one row per sub-network, in the order given.  ``reference`` (rows of
     :func:`poa_hpc.eval.plot.read_reference`) is drawn as a second series on the plot.  The backbone is
-    put in eval mode on ``device`` (default: CUDA when available) and left there."""
+    put in eval mode on ``device`` (default: CUDA when available) and left there.  ``protocol_subnets``
+    (model protocol name -> some of ``subnets``) runs an expensive protocol (``finetune``) on that subset
+    only; the other rows get ``None`` in its columns (empty in the CSV, null in the JSON, not plotted)."""
     t0 = time.perf_counter()
     family = backbone.family
     spec, arch = get_backbone(family), cfg.model.section
@@ -307,6 +317,15 @@ def run_sweep(
                                                                             epochs=epochs, seed=seed)
     if not runs:
         raise ValueError("no evaluation protocol to run")
+    only: Dict[str, List[int]] = {}
+    for name, subset in (protocol_subnets or {}).items():
+        proto = next((p for p, _ in runs if p.name == name), None)
+        if proto is None or "model" not in proto.needs:
+            raise ValueError(f"--{name}-subnets: {name} is not one of the model protocols run here")
+        missing = [str(x) for x in subset if x not in subnets]
+        if missing:
+            raise ValueError(f"--{name}-subnets: {', '.join(missing)} not among the sweep's --subnets")
+        only[name] = [i for i, x in enumerate(subnets) if x in subset]
     need_features = any("features" in p.needs for p, _ in runs)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train, val, num_classes, n_train_total = eval_splits(cfg, train_per_class, seed)
@@ -332,7 +351,7 @@ def run_sweep(
         num_workers=workers, device=device, max_feature_gb=max_feature_gb, progress=progress, log=log,
         timings=timings)
     measured = measure_networks([lambda s=s: dense_network(backbone, arch, s) for s in subnets], img_size, runs,
-                                progress=progress, timings=timings)
+                                progress=progress, timings=timings, only=only)
 
     names = {sub: name for name, sub in spec.named_sizes(arch).items()}
     rows = []
@@ -353,7 +372,8 @@ def run_sweep(
                         "n_train_total": n_train_total, "n_val": len(val), "train_per_class": train_per_class or None},
             "protocols": [p.name for p, _ in runs],
             **{n: None for n in ("knn", "linear")},
-            **{p.name: p.provenance(opts) for p, opts in runs},
+            **{p.name: {**p.provenance(opts), **({"subnets": [f"{family}_{subnets[i]}" for i in only[p.name]]}
+                                                   if p.name in only else {})} for p, opts in runs},
             "gflops": f"multiply-accumulates per image at {img_size} px",
             "seconds": {"total": round(seconds, 2), **{k: round(v, 2) for k, v in timings.items()}},
         }

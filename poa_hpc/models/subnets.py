@@ -102,9 +102,9 @@ class SubnetSpace:
 
     def resolve(self, text: str, named: Optional[Dict[str, Subnet]] = None) -> List[Subnet]:
         """The sub-networks ``text`` names: ``all``, or comma-separated named sizes (``ViT-S``), their short
-        forms (``S``) and ``WIDTHxDEPTH`` entries (``384x12``, ``64x3-4-6-3``), case-insensitive, duplicates
-        dropped.  ``named``: the family's named sizes.  Raises ``ValueError`` naming the bad entry and what
-        is allowed."""
+        forms (``S``), ``smallest`` / ``middle`` / ``intact`` (:func:`probe_subnets`) and ``WIDTHxDEPTH``
+        entries (``384x12``, ``64x3-4-6-3``), case-insensitive, duplicates dropped.  ``named``: the family's
+        named sizes.  Raises ``ValueError`` naming the bad entry and what is allowed."""
         named = named or {}
         by_name = {n.lower(): s for n, s in named.items()}
         by_short = {short.lower(): named[n] for n, short in short_forms(named).items()}
@@ -113,6 +113,8 @@ class SubnetSpace:
             key = entry.lower()
             if key == "all":
                 subs = self.all()
+            elif key in PROBE_NAMES:
+                subs = [probe_subnets(self)[PROBE_NAMES.index(key)]]
             elif key in by_name or key in by_short:
                 subs = [by_name.get(key) or by_short[key]]
             else:
@@ -135,7 +137,8 @@ class SubnetSpace:
         shorts = short_forms(named)
         names = [f"{name}{'/' + shorts[name] if name in shorts else ''} ({sub})" for name, sub in named.items()]
         return (f"all, {', '.join(names) + ', ' if names else ''}or WIDTHxDEPTH with widths {list(self.widths)} and "
-                f"depths [{', '.join(shown)}]{'' if names else ' (no named sizes in this space)'}")
+                f"depths [{', '.join(shown)}]{'' if names else ' (no named sizes in this space)'}, or "
+                f"{', '.join(PROBE_NAMES)}")
 
     def weights(self) -> Dict[Subnet, int]:
         """Eq. 14 integer weights, intact pair excluded (it is trained by the intact branch)."""
@@ -193,6 +196,10 @@ class SubnetSampler:
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "stream": self.stream, "mode": self.mode, "pool_size": len(self.pool)}
+
+
+#: :meth:`SubnetSpace.resolve`'s names of the three :func:`probe_subnets`.
+PROBE_NAMES = ("smallest", "middle", "intact")
 
 
 def probe_subnets(space) -> list:
