@@ -12,6 +12,7 @@ import torch  # noqa: E402
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     # Under pytest-xdist (scripts/test.sh runs the suite on several workers), the Slurm tests share one
     # worker and so one local cluster: `--dist loadgroup` keeps an xdist_group on one worker.

@@ -132,7 +132,7 @@ def _file_command(name: str) -> type:
 
 def _relaunch_under_torchrun(args: argparse.Namespace) -> int:
     """``--nproc N`` outside a launch: the same command under torchrun, N processes on this machine."""
-    from poa_hpc.launch.commands import torchrun
+    from poa_hpc.distributed.torchrun import torchrun
 
     argv, skip = [], False
     for a in args.argv:  # the command line less --nproc
