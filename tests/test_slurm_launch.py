@@ -137,9 +137,9 @@ def test_real_time_limit_checkpoints_requeues_and_finishes_over_several_runs(slu
     runs as it needs.  The warning is due a minute after the start, when the tasks exist: one due while the job
     is still starting reaches no task and Slurm does not repeat it (poa submit refuses such a --signal-delay)."""
     out = tmp_path / "run"
-    # ~100 s of training at ~14 steps/s (2 ranks, idle 2-core machine): more than the at most 90 s before a
+    # ~115 s of training at ~14 steps/s (2 ranks, idle 2-core machine): more than the at most 90 s before a
     # run's warning, so at least one requeue; on a loaded machine each run does less and more runs are needed.
-    steps = 1400
+    steps = 1600
     assert main([*SUBMIT, "--partition", slurm_cluster.partition, "--time", "3", "--signal-delay", "90",
                  *TINY, f"optim.epochs={steps // 10}", "train.checkpoint_every=100000", "train.log_every=10",
                  f"train.output_dir={out}"]) == 0
